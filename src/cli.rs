@@ -1,0 +1,51 @@
+//! Command-line interface: `pgcarve [--config FILE] [--log-format human|json] <command>`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Carve a PostgreSQL monolith into database-per-service PostgreSQL databases, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "pgcarve", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "PGCARVE_CONFIG",
+        default_value = "daemon.toml"
+    )]
+    pub config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line (for journald/log shippers).
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream the monolith's changes into the service databases until stopped (SIGINT/SIGTERM).
+    Run,
+    /// Start a throwaway local PostgreSQL with a sample healthcare monolith and stream it live
+    /// into service databases, showing progress; stops by itself (or on Ctrl-C).
+    Demo {
+        /// How long the sample workload runs, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Print the connection URLs and keep the clusters until Ctrl-C after the workload ends.
+        #[arg(long)]
+        keep: bool,
+    },
+}

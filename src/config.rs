@@ -1,0 +1,459 @@
+//! `daemon.toml`: serde structs with defaults, loading through the `config` crate, and a
+//! `validate` step that collects every problem (one line each, with its fix) before anything
+//! connects anywhere.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::conninfo::ConnInfo;
+use crate::secret;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The monolith.
+    pub source: SourceConfig,
+    /// Service databases by name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// Apply tuning.
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    /// HTTP endpoint for /metrics and /health.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq URI of the monolith.
+    pub url: String,
+    /// Logical replication slot name.
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// Publication name.
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// File holding the password (first line), instead of `PGCARVE_SOURCE_PASSWORD`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[targets.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// libpq URI of the service database.
+    pub url: String,
+    /// Tables this service owns, `schema.table` or `table` (schema `public`).
+    pub tables: Vec<String>,
+    /// File holding the password, instead of `PGCARVE_TARGET_<NAME>_PASSWORD`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[apply]`: how changes are batched toward the targets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Changes per chunk sent to a target task (a big source transaction travels as several).
+    #[serde(default = "default_chunk_changes")]
+    pub chunk_changes: usize,
+    /// Chunks that may wait per target; with `chunk_changes` this bounds memory.
+    #[serde(default = "default_queue_chunks")]
+    pub queue_chunks: usize,
+    /// Most source transactions grouped into one target transaction.
+    #[serde(default = "default_group_transactions")]
+    pub group_transactions: usize,
+    /// First retry delay after a target rejects a change, seconds.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial_secs: f64,
+    /// Longest retry delay, seconds.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_secs: f64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            chunk_changes: default_chunk_changes(),
+            queue_chunks: default_queue_chunks(),
+            group_transactions: default_group_transactions(),
+            retry_initial_secs: default_retry_initial(),
+            retry_max_secs: default_retry_max(),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for the HTTP endpoint; empty disables it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    "pgcarve".into()
+}
+fn default_chunk_changes() -> usize {
+    2000
+}
+fn default_queue_chunks() -> usize {
+    16
+}
+fn default_group_transactions() -> usize {
+    500
+}
+fn default_retry_initial() -> f64 {
+    1.0
+}
+fn default_retry_max() -> f64 {
+    60.0
+}
+fn default_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+/// A table name: schema and relation name as stored in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema (namespace).
+    pub schema: String,
+    /// Relation name.
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`).
+    pub fn parse(s: &str) -> Option<TableName> {
+        let s = s.trim();
+        let (schema, name) = match s.split_once('.') {
+            Some((a, b)) => (a, b),
+            None => ("public", s),
+        };
+        let ok = |p: &str| !p.is_empty() && !p.contains('.') && !p.contains('"');
+        (ok(schema) && ok(name)).then(|| TableName {
+            schema: schema.into(),
+            name: name.into(),
+        })
+    }
+
+    /// `"schema"."name"`, quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::source::conn::quote_ident(&self.schema),
+            crate::source::conn::quote_ident(&self.name)
+        )
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// A configuration that cannot be used: every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+/// A validated target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name from `[targets.NAME]`.
+    pub name: String,
+    /// Connection parameters, password resolved.
+    pub conn: ConnInfo,
+    /// Owned tables.
+    pub tables: Vec<TableName>,
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Source connection, password resolved.
+    pub source: ConnInfo,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Targets in name order.
+    pub targets: Vec<Target>,
+    /// Apply tuning.
+    pub apply: ApplyConfig,
+    /// Metrics listen address, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads and parses a TOML file. Unknown keys are errors naming the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError(vec![format!(
+                "config file {} does not exist (pass --config FILE or set PGCARVE_CONFIG)",
+                path.display()
+            )]));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![format!(
+                "cannot read config file {}: {e}",
+                path.display()
+            )])
+        })?;
+        Config::from_toml(&text)
+            .map_err(|e| ConfigError(vec![format!("{}: {}", path.display(), e)]))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()
+    }
+
+    /// Checks everything that can be checked without connecting, and resolves passwords.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let source = match ConnInfo::parse(&self.source.url) {
+            Ok(mut c) => {
+                match secret::resolve(
+                    "PGCARVE_SOURCE_PASSWORD",
+                    self.source.password_file.as_deref(),
+                    "source-password",
+                    c.password.take(),
+                ) {
+                    Ok(pw) => c.password = pw,
+                    Err(e) => problems.push(format!("source.password_file: {e}")),
+                }
+                Some(c)
+            }
+            Err(e) => {
+                problems.push(format!("source.url: {e}"));
+                None
+            }
+        };
+        for (key, v) in [
+            ("slot", &self.source.slot),
+            ("publication", &self.source.publication),
+        ] {
+            if !valid_object_name(v) {
+                problems.push(format!(
+                    "source.{key} = {v:?}: use 1-63 lowercase letters, digits and underscores"
+                ));
+            }
+        }
+        if self.targets.is_empty() {
+            problems.push(
+                "no targets: add at least one [targets.NAME] with url and tables".to_string(),
+            );
+        }
+        let mut targets = Vec::new();
+        for (name, t) in &self.targets {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                problems.push(format!(
+                    "targets.{name}: target names use letters, digits, '_' and '-'"
+                ));
+            }
+            let conn = match ConnInfo::parse(&t.url) {
+                Ok(mut c) => {
+                    match secret::resolve(
+                        &secret::target_password_env(name),
+                        t.password_file.as_deref(),
+                        &format!("target-{name}-password"),
+                        c.password.take(),
+                    ) {
+                        Ok(pw) => c.password = pw,
+                        Err(e) => problems.push(format!("targets.{name}.password_file: {e}")),
+                    }
+                    Some(c)
+                }
+                Err(e) => {
+                    problems.push(format!("targets.{name}.url: {e}"));
+                    None
+                }
+            };
+            if t.tables.is_empty() {
+                problems.push(format!(
+                    "targets.{name}.tables is empty: list the tables this service owns"
+                ));
+            }
+            let mut tables: Vec<TableName> = Vec::new();
+            for raw in &t.tables {
+                match TableName::parse(raw) {
+                    Some(tn) if tables.contains(&tn) => {
+                        problems.push(format!("targets.{name}.tables lists {tn} twice"))
+                    }
+                    Some(tn) => tables.push(tn),
+                    None => problems.push(format!(
+                        "targets.{name}.tables: {raw:?} is not a table name (use \"table\" or \"schema.table\")"
+                    )),
+                }
+            }
+            if let Some(conn) = conn {
+                targets.push(Target {
+                    name: name.clone(),
+                    conn,
+                    tables,
+                });
+            }
+        }
+        let a = &self.apply;
+        if a.chunk_changes == 0 || a.queue_chunks == 0 || a.group_transactions == 0 {
+            problems.push(
+                "apply.chunk_changes, apply.queue_chunks and apply.group_transactions must be at least 1"
+                    .into(),
+            );
+        }
+        if !(a.retry_initial_secs > 0.0 && a.retry_max_secs >= a.retry_initial_secs) {
+            problems
+                .push("apply.retry_initial_secs must be > 0 and <= apply.retry_max_secs".into());
+        }
+        let metrics_listen = if self.metrics.listen.is_empty() {
+            None
+        } else {
+            match self.metrics.listen.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(format!(
+                        "metrics.listen = {:?}: expected host:port such as 127.0.0.1:9187",
+                        self.metrics.listen
+                    ));
+                    None
+                }
+            }
+        };
+        match (problems.is_empty(), source) {
+            (true, Some(source)) => Ok(Settings {
+                source,
+                slot: self.source.slot.clone(),
+                publication: self.source.publication.clone(),
+                targets,
+                apply: self.apply.clone(),
+                metrics_listen,
+            }),
+            _ => Err(ConfigError(problems)),
+        }
+    }
+}
+
+fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[source]
+url = "postgresql://carve@db:5432/care"
+
+[targets.patient]
+url = "postgresql://carve@db:5432/patient_db"
+tables = ["patients", "billing.claims"]
+
+[targets.shared]
+url = "postgresql://carve@db:5432/shared_db"
+tables = ["patients"]
+"#;
+
+    #[test]
+    fn parses_and_defaults() {
+        let s = Config::from_toml(GOOD).unwrap().validate().unwrap();
+        assert_eq!(s.slot, "pgcarve");
+        assert_eq!(s.publication, "pgcarve");
+        assert_eq!(s.targets.len(), 2);
+        assert_eq!(
+            s.targets[0].tables[1],
+            TableName {
+                schema: "billing".into(),
+                name: "claims".into()
+            }
+        );
+        assert_eq!(s.metrics_listen.unwrap().port(), 9187);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = GOOD.replace("[source]\n", "[source]\nslott = \"x\"\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("slott"), "{err}");
+        let text = GOOD.replace(
+            "tables = [\"patients\"]",
+            "tables = [\"patients\"]\ntabels = []",
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("tabels"), "{err}");
+    }
+
+    #[test]
+    fn target_names_keep_their_case() {
+        let text = GOOD.replace("[targets.patient]", "[targets.PatientSvc]");
+        let s = Config::from_toml(&text).unwrap().validate().unwrap();
+        assert!(s.targets.iter().any(|t| t.name == "PatientSvc"));
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let text = r#"
+[source]
+url = "mysql://x"
+slot = "Bad-Slot"
+
+[targets.a]
+url = "postgresql://u@h/d?sslmode=maybe"
+tables = ["x.y.z", "t", "t"]
+
+[metrics]
+listen = "nope"
+"#;
+        let err = Config::from_toml(text).unwrap().validate().unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "source.url",
+            "source.slot",
+            "targets.a.url",
+            "x.y.z",
+            "twice",
+            "metrics.listen",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn no_targets_is_an_error() {
+        let err = Config::from_toml("[source]\nurl = \"postgresql://u@h/d\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("no targets"));
+    }
+}
