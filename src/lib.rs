@@ -5,11 +5,21 @@
 //! commit order, whole transactions only, exactly once. See README.md for operations and
 //! `source`, `apply` for the correctness argument.
 
+// Apply errors carry table, SQLSTATE, constraint and column by value; they are on the cold path.
+#![allow(clippy::result_large_err)]
+
+pub mod apply;
+pub mod change;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
+pub mod daemon;
+pub mod health;
+pub mod http;
 pub mod localpg;
 pub mod lsn;
+pub mod metrics;
+pub mod route;
 pub mod secret;
 pub mod source;
 pub mod tls;

@@ -107,3 +107,164 @@ pub async fn table_rows(client: &Client, table: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("read {table}: {e}"));
     rows.iter().map(|r| r.get::<_, String>(0)).collect()
 }
+
+/// A daemon running in-process, stopped by `stop`.
+pub struct Daemon {
+    /// Cancel to stop.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The daemon task.
+    pub handle: tokio::task::JoinHandle<Result<(), pgcarve::daemon::DaemonError>>,
+    /// Its metrics and health.
+    pub obs: pgcarve::daemon::Observability,
+}
+
+impl Daemon {
+    /// Requests shutdown and waits for a clean stop.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon stopped with an error");
+    }
+}
+
+/// Starts the daemon in-process from a TOML config.
+pub fn start_daemon(toml: &str) -> Daemon {
+    let settings = pgcarve::config::Config::from_toml(toml)
+        .expect("parse config")
+        .validate()
+        .expect("valid config");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let obs = pgcarve::daemon::Observability::default();
+    let handle = tokio::spawn(pgcarve::daemon::run(
+        settings,
+        obs.clone(),
+        shutdown.clone(),
+    ));
+    Daemon {
+        shutdown,
+        handle,
+        obs,
+    }
+}
+
+/// A source database and target databases with the same schema, and a config routing tables.
+pub struct Env {
+    /// Source database name.
+    pub source_db: String,
+    /// (target name, database name, tables).
+    pub targets: Vec<(String, String, Vec<String>)>,
+    /// Slot and publication name.
+    pub slot: String,
+}
+
+impl Env {
+    /// Creates the databases and runs `schema` on the source and on every target.
+    pub async fn new(schema: &str, targets: &[(&str, &[&str])]) -> Env {
+        let c = clusters();
+        let source_db = fresh_db(&c.source, "src").await;
+        connect(&c.source.url(&source_db))
+            .await
+            .batch_execute(schema)
+            .await
+            .expect("source schema");
+        let mut out = Vec::new();
+        for (name, tables) in targets {
+            let db = fresh_db(&c.target, name).await;
+            connect(&c.target.url(&db))
+                .await
+                .batch_execute(schema)
+                .await
+                .expect("target schema");
+            out.push((
+                name.to_string(),
+                db,
+                tables.iter().map(|t| t.to_string()).collect(),
+            ));
+        }
+        Env {
+            source_db,
+            targets: out,
+            slot: unique("slot"),
+        }
+    }
+
+    /// The daemon config for this environment.
+    pub fn config(&self) -> String {
+        let c = clusters();
+        let mut s = format!(
+            "[source]\nurl = {:?}\nslot = {:?}\npublication = {:?}\n\n[metrics]\nlisten = \"\"\n\n[apply]\nretry_initial_secs = 0.2\nretry_max_secs = 1.0\n",
+            c.source.url(&self.source_db),
+            self.slot,
+            self.slot
+        );
+        for (name, db, tables) in &self.targets {
+            s.push_str(&format!(
+                "\n[targets.{name}]\nurl = {:?}\ntables = {:?}\n",
+                c.target.url(db),
+                tables
+            ));
+        }
+        s
+    }
+
+    /// A client on the source database.
+    pub async fn source(&self) -> Client {
+        connect(&clusters().source.url(&self.source_db)).await
+    }
+
+    /// A client on a target database.
+    pub async fn target(&self, name: &str) -> Client {
+        let (_, db, _) = self
+            .targets
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .expect("target name");
+        connect(&clusters().target.url(db)).await
+    }
+
+    /// Waits until `table` on target `name` equals the source's.
+    pub async fn wait_equal(&self, name: &str, table: &str) {
+        let src = self.source().await;
+        let dst = self.target(name).await;
+        let mut last = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let a = table_rows(&src, table).await;
+            let b = table_rows(&dst, table).await;
+            if a == b {
+                return;
+            }
+            if Instant::now() > deadline {
+                last.0 = a;
+                last.1 = b;
+                panic!(
+                    "{table} on {name} differs from the source after 60 s: source {} rows, target {} rows",
+                    last.0.len(),
+                    last.1.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the slot exists (the daemon has started streaming set-up).
+    pub async fn wait_slot(&self) {
+        let src = self.source().await;
+        let slot = self.slot.clone();
+        wait_until("slot creation", Duration::from_secs(60), || {
+            let (src, slot) = (&src, slot.clone());
+            async move {
+                src.query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&slot],
+                )
+                .await
+                .map(|r| r.is_some())
+                .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,141 @@
+//! Apply errors and how they are reported: SQLSTATE, table, column, constraint, target, LSN —
+//! never DETAIL, never a server message (both can quote row values), never a value.
+
+use crate::apply::statements::PlanError;
+use crate::config::TableName;
+
+/// Why applying a change failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApplyError {
+    /// The target rejected a statement.
+    #[error("target rejected {operation} on {table}: SQLSTATE {sqlstate} ({})", sqlstate_name(.sqlstate))]
+    Rejected {
+        /// The source table.
+        table: TableName,
+        /// insert / update / delete / truncate / commit.
+        operation: &'static str,
+        /// SQLSTATE.
+        sqlstate: String,
+        /// Constraint named by the server, if any.
+        constraint: Option<String>,
+        /// Column named by the server, if any.
+        column: Option<String>,
+    },
+    /// An UPDATE or DELETE matched no row: the target diverged from the source.
+    #[error("{operation} on {table} matched {rows} rows on the target instead of 1: the target diverged from the source")]
+    Divergence {
+        /// The source table.
+        table: TableName,
+        /// update / delete.
+        operation: &'static str,
+        /// Rows matched.
+        rows: u64,
+    },
+    /// A statement could not be built (schema mismatch).
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    /// The connection failed (no server error): safe description only.
+    #[error("target connection: {0}")]
+    Connection(String),
+    /// A value arrived in binary format, which we never request.
+    #[error("binary value in column {column} of {table} (pgcarve requests text format)")]
+    Binary {
+        /// Table.
+        table: TableName,
+        /// Column.
+        column: String,
+    },
+    /// A Relation for a table this target has no catalog entry for.
+    #[error("table {0} is not known on this target")]
+    UnknownTable(TableName),
+}
+
+impl ApplyError {
+    /// Builds the report of a tokio-postgres error without its DETAIL or message.
+    pub fn from_pg(
+        e: &tokio_postgres::Error,
+        table: &TableName,
+        operation: &'static str,
+    ) -> ApplyError {
+        match e.as_db_error() {
+            Some(db) => ApplyError::Rejected {
+                table: table.clone(),
+                operation,
+                sqlstate: db.code().code().to_string(),
+                constraint: db.constraint().map(str::to_string),
+                column: db.column().map(str::to_string),
+            },
+            // Non-server errors (I/O, closed, TLS, protocol) carry no row data.
+            None => ApplyError::Connection(e.to_string()),
+        }
+    }
+
+    /// The label for `migration_errors_total`: the SQLSTATE class, or a word.
+    pub fn class(&self) -> String {
+        match self {
+            ApplyError::Rejected { sqlstate, .. } => sqlstate.chars().take(2).collect(),
+            ApplyError::Divergence { .. } => "divergence".into(),
+            ApplyError::Plan(_) | ApplyError::UnknownTable(_) => "schema".into(),
+            ApplyError::Connection(_) => "connection".into(),
+            ApplyError::Binary { .. } => "protocol".into(),
+        }
+    }
+
+    /// SQLSTATE, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ApplyError::Rejected { sqlstate, .. } => Some(sqlstate),
+            _ => None,
+        }
+    }
+}
+
+/// A short name for common SQLSTATEs, so a log line says what happened without the message.
+pub fn sqlstate_name(code: &str) -> &'static str {
+    match code {
+        "23502" => "not_null_violation",
+        "23503" => "foreign_key_violation",
+        "23505" => "unique_violation",
+        "23514" => "check_violation",
+        "23P01" => "exclusion_violation",
+        "22P02" => "invalid_text_representation",
+        "22001" => "string_data_right_truncation",
+        "22003" => "numeric_value_out_of_range",
+        "22007" => "invalid_datetime_format",
+        "22008" => "datetime_field_overflow",
+        "22P05" => "untranslatable_character",
+        "42P01" => "undefined_table",
+        "42703" => "undefined_column",
+        "42804" => "datatype_mismatch",
+        "42501" => "insufficient_privilege",
+        "40001" => "serialization_failure",
+        "40P01" => "deadlock_detected",
+        "25P02" => "in_failed_sql_transaction",
+        "57014" => "query_canceled",
+        "57P01" => "admin_shutdown",
+        "53100" => "disk_full",
+        "53300" => "too_many_connections",
+        _ => "see PostgreSQL Appendix A",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_table_and_code_only() {
+        let e = ApplyError::Rejected {
+            table: TableName::parse("patients").unwrap(),
+            operation: "insert",
+            sqlstate: "23505".into(),
+            constraint: Some("patients_pkey".into()),
+            column: None,
+        };
+        assert_eq!(
+            e.to_string(),
+            "target rejected insert on public.patients: SQLSTATE 23505 (unique_violation)"
+        );
+        assert_eq!(e.class(), "23");
+    }
+}

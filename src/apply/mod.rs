@@ -1,0 +1,849 @@
+//! Apply: one task per target, owning its connection, fed by a bounded channel.
+//!
+//! Every source transaction's changes for this target are applied inside one target
+//! transaction, together with the progress row (`pgcarve.progress`) holding that source
+//! transaction's commit end LSN. Consecutive source transactions already waiting in the channel
+//! are grouped into one target transaction (group commit); a source transaction is never split.
+//! After COMMIT the task publishes its durably committed LSN on a `watch`, which the reader uses
+//! to decide what may be confirmed to the slot.
+//!
+//! Exactly once: the progress row commits atomically with the rows, so after any crash the
+//! target's progress LSN says exactly which source transactions it holds. The reader skips those
+//! when it streams again; the task also skips any transaction whose commit LSN lies below its
+//! progress (after a reconnect it reloads the progress row first, because a COMMIT whose answer
+//! was lost may have succeeded).
+//!
+//! Failure: a change the target rejects rolls the group back, is logged and counted (SQLSTATE,
+//! table, target, LSN; never values) and puts the task in the failed state: it discards what
+//! arrives, and after a backoff reports "ready to retry". The reader then restarts the stream
+//! from the slot's confirmed position (held back by this target), and the transaction is tried
+//! again. Nothing is skipped and nothing is buffered for a stalled target.
+
+pub mod error;
+pub mod progress;
+pub mod statements;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use postgres_types::{Format, IsNull, ToSql, Type};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, Statement};
+
+use crate::change::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
+use crate::config::{ApplyConfig, TableName, Target};
+use crate::conninfo::ConnInfo;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::source::pgoutput::{Tuple, Value};
+use crate::tls::TlsConnector;
+
+pub use error::ApplyError;
+use progress::ProgressKey;
+use statements::{Plan, Source, TargetColumn, TargetTable};
+
+/// Statements kept in flight on a target connection at once.
+const PIPELINE_DEPTH: usize = 256;
+
+/// What a target is doing, as the reader and /health see it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetState {
+    /// Connecting and loading its catalog.
+    Starting,
+    /// Applying.
+    Streaming,
+    /// A change was rejected or the connection failed; waiting to retry.
+    Failed {
+        /// Consecutive failed attempts.
+        attempts: u32,
+        /// The backoff has elapsed: restart the stream to retry.
+        retry_ready: bool,
+        /// What went wrong (value-free).
+        error: String,
+    },
+}
+
+/// Published by each apply task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetStatus {
+    /// End LSN of the last source transaction durably committed here.
+    pub committed: Lsn,
+    /// Current state.
+    pub state: TargetState,
+}
+
+impl TargetStatus {
+    /// Whether the reader should send changes to this target.
+    pub fn accepts_changes(&self) -> bool {
+        self.state == TargetState::Streaming
+    }
+}
+
+/// A value bound as text, so the target's input function parses exactly what the source's
+/// output function wrote. `Debug` shows only whether it is NULL and its length.
+pub struct TextParam(Option<Bytes>);
+
+impl std::fmt::Debug for TextParam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("NULL"),
+            Some(b) => write!(f, "text({} bytes)", b.len()),
+        }
+    }
+}
+
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            None => Ok(IsNull::Yes),
+            Some(b) => {
+                out.put_slice(b);
+                Ok(IsNull::No)
+            }
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    postgres_types::to_sql_checked!();
+}
+
+/// Why a target could not be prepared at start-up.
+#[derive(Debug)]
+pub enum StartError {
+    /// Unreachable for now: retry.
+    Transient(String),
+    /// Schema problems an operator must fix, one per line.
+    Fatal(Vec<String>),
+}
+
+/// A statement prepared on the target, with its parameter plan.
+struct Prepared {
+    stmt: Statement,
+    plan: Plan,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct StmtKey {
+    oid: u32,
+    generation: u64,
+    kind: u8,
+    has_old: bool,
+    new_mask: Option<Box<[u16]>>,
+    old_mask: Option<Box<[u16]>>,
+}
+
+/// One target's apply task state.
+pub struct Worker {
+    name: String,
+    conn: ConnInfo,
+    tls: TlsConnector,
+    client: Client,
+    tables: HashMap<TableName, TargetTable>,
+    stmts: HashMap<StmtKey, Arc<Prepared>>,
+    upsert: Statement,
+    key: ProgressKey,
+    committed: Lsn,
+    cfg: ApplyConfig,
+    metrics: Metrics,
+    status: watch::Sender<TargetStatus>,
+    wake: Arc<tokio::sync::Notify>,
+    in_txn: bool,
+    /// The open group ends with a whole source transaction.
+    group_complete: bool,
+    group_end: Lsn,
+    group_txns: u64,
+    group_rows: HashMap<(u32, &'static str), (Arc<RelationInfo>, u64)>,
+}
+
+/// Renders a tokio-postgres error without DETAIL or the server message.
+pub fn safe_pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "SQLSTATE {} ({})",
+            db.code().code(),
+            error::sqlstate_name(db.code().code())
+        ),
+        None => e.to_string(),
+    }
+}
+
+async fn connect(conn: &ConnInfo, tls: &TlsConnector) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = conn.to_tokio_config().connect(tls.clone()).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(
+            "SET synchronous_commit = on; SET extra_float_digits = 3; \
+             SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'",
+        )
+        .await?;
+    Ok(client)
+}
+
+/// Loads a target table's columns; `None` when the table does not exist.
+async fn load_table(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TargetTable>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
+             FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table.quoted()],
+        )
+        .await?;
+    if rows.is_empty() {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+    }
+    let mut columns = HashMap::new();
+    let mut eq_cache: HashMap<String, bool> = HashMap::new();
+    for r in rows {
+        let type_name: String = r.get(1);
+        let has_eq = match eq_cache.get(&type_name) {
+            Some(v) => *v,
+            None => {
+                // Let PostgreSQL's own operator resolution say whether `=` exists for the type.
+                let v = client
+                    .prepare(&format!("SELECT NULL::{type_name} = NULL::{type_name}"))
+                    .await
+                    .is_ok();
+                eq_cache.insert(type_name.clone(), v);
+                v
+            }
+        };
+        columns.insert(
+            r.get::<_, String>(0),
+            TargetColumn {
+                type_name,
+                has_eq,
+                not_null: r.get(2),
+                has_default: r.get(3),
+            },
+        );
+    }
+    Ok(Some(TargetTable {
+        table: table.clone(),
+        columns,
+    }))
+}
+
+impl Worker {
+    /// Connects, creates the progress table, loads and checks the owned tables against the
+    /// source's columns. Returns the worker and its progress (`None`: nothing applied yet).
+    pub async fn prepare(
+        target: &Target,
+        source_columns: &HashMap<TableName, Vec<String>>,
+        key: ProgressKey,
+        cfg: ApplyConfig,
+        metrics: Metrics,
+        status: watch::Sender<TargetStatus>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Result<(Worker, Option<Lsn>), StartError> {
+        let tls = TlsConnector::new(&target.conn)
+            .map_err(|e| StartError::Fatal(vec![format!("targets.{}: {e}", target.name)]))?;
+        let transient = |what: &str, e: &tokio_postgres::Error| {
+            StartError::Transient(format!(
+                "target {} ({}): {what}: {}",
+                target.name,
+                target.conn.display_target(),
+                safe_pg_error(e)
+            ))
+        };
+        let client = connect(&target.conn, &tls)
+            .await
+            .map_err(|e| transient("connect", &e))?;
+        let mut problems = Vec::new();
+        let mut tables = HashMap::new();
+        for table in &target.tables {
+            match load_table(&client, table).await.map_err(|e| transient("read catalog", &e))? {
+                None => problems.push(format!(
+                    "table {table} does not exist on target {} ({}): create it with the source's definition",
+                    target.name,
+                    target.conn.display_target()
+                )),
+                Some(tt) => {
+                    if let Some(src_cols) = source_columns.get(table) {
+                        for c in src_cols {
+                            if !tt.columns.contains_key(c) {
+                                problems.push(format!(
+                                    "column {c} of {table} is missing on target {}: ALTER TABLE {} ADD COLUMN …",
+                                    target.name,
+                                    table.quoted()
+                                ));
+                            }
+                        }
+                        for (name, col) in &tt.columns {
+                            if !src_cols.contains(name) && col.not_null && !col.has_default {
+                                problems.push(format!(
+                                    "column {name} of {table} on target {} is NOT NULL without a default and does not exist on the source: inserts would fail",
+                                    target.name
+                                ));
+                            }
+                        }
+                    }
+                    tables.insert(table.clone(), tt);
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(StartError::Fatal(problems));
+        }
+        let committed = progress::load(&client, &key)
+            .await
+            .map_err(|e| transient("create or read pgcarve.progress", &e))?;
+        let upsert = progress::prepare_upsert(&client)
+            .await
+            .map_err(|e| transient("prepare progress upsert", &e))?;
+        let worker = Worker {
+            name: target.name.clone(),
+            conn: target.conn.clone(),
+            tls,
+            client,
+            tables,
+            stmts: HashMap::new(),
+            upsert,
+            key,
+            committed: committed.unwrap_or(Lsn::ZERO),
+            cfg,
+            metrics,
+            status,
+            wake,
+            in_txn: false,
+            group_complete: true,
+            group_end: Lsn::ZERO,
+            group_txns: 0,
+            group_rows: HashMap::new(),
+        };
+        worker
+            .metrics
+            .target_committed_lsn
+            .with_label_values(&[&worker.name])
+            .set(worker.committed.0 as i64);
+        Ok((worker, committed))
+    }
+
+    /// The durably committed LSN.
+    pub fn committed(&self) -> Lsn {
+        self.committed
+    }
+
+    fn publish(&self, state: TargetState) {
+        let up = i64::from(state == TargetState::Streaming);
+        self.metrics
+            .target_up
+            .with_label_values(&[&self.name])
+            .set(up);
+        self.status.send_replace(TargetStatus {
+            committed: self.committed,
+            state,
+        });
+        self.wake.notify_one();
+    }
+
+    /// Runs until the channel closes (the reader is gone).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ApplyMsg>) {
+        self.publish(TargetState::Streaming);
+        let mut carry: Option<ApplyMsg> = None;
+        loop {
+            let msg = match carry.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            match msg {
+                ApplyMsg::Barrier(reply) => {
+                    if let Err(e) = self.finish_group().await {
+                        self.fail(e, None, &mut rx).await;
+                    }
+                    let _ = reply.send(self.committed);
+                }
+                ApplyMsg::Chunk {
+                    xact,
+                    changes,
+                    commit,
+                } => {
+                    if let Err(e) = self.apply_chunk(&xact, &changes, commit).await {
+                        self.fail(e, Some(xact.final_lsn), &mut rx).await;
+                        continue;
+                    }
+                    if commit.is_some() {
+                        if self.group_txns < self.cfg.group_transactions as u64 {
+                            if let Ok(next) = rx.try_recv() {
+                                carry = Some(next);
+                                continue;
+                            }
+                        }
+                        if let Err(e) = self.commit_group().await {
+                            self.fail(e, Some(xact.final_lsn), &mut rx).await;
+                        }
+                    }
+                }
+            }
+        }
+        if self.in_txn {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+    }
+
+    /// Commits the open group if it ends with a whole source transaction, else rolls it back.
+    async fn finish_group(&mut self) -> Result<(), ApplyError> {
+        if !self.in_txn {
+            return Ok(());
+        }
+        if self.group_complete && self.group_txns > 0 {
+            self.commit_group().await
+        } else {
+            self.rollback().await;
+            Ok(())
+        }
+    }
+
+    async fn rollback(&mut self) {
+        if self.in_txn {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        self.in_txn = false;
+        self.group_txns = 0;
+        self.group_complete = true;
+        self.group_rows.clear();
+    }
+
+    async fn apply_chunk(
+        &mut self,
+        xact: &XactInfo,
+        changes: &[Change],
+        commit: Option<CommitInfo>,
+    ) -> Result<(), ApplyError> {
+        // Already here (a COMMIT whose answer was lost, then a reconnect): skip, never repeat.
+        if xact.final_lsn < self.committed {
+            return Ok(());
+        }
+        if !self.in_txn {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
+            self.in_txn = true;
+        }
+        self.group_complete = false;
+        let mut start = 0;
+        while start < changes.len() {
+            if let Change::Truncate {
+                rels,
+                cascade,
+                restart_identity,
+            } = &changes[start]
+            {
+                let names: Vec<TableName> = rels.iter().map(|r| r.table.clone()).collect();
+                let sql = statements::truncate(&names, *restart_identity, *cascade);
+                let first = names.first().cloned().unwrap_or_else(|| TableName {
+                    schema: String::new(),
+                    name: String::new(),
+                });
+                self.client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| ApplyError::from_pg(&e, &first, "truncate"))?;
+                for r in rels {
+                    self.count(r, "truncate");
+                }
+                start += 1;
+                continue;
+            }
+            let end = changes[start..]
+                .iter()
+                .position(|c| matches!(c, Change::Truncate { .. }))
+                .map_or(changes.len(), |p| start + p);
+            self.apply_rows(&changes[start..end]).await?;
+            start = end;
+        }
+        if let Some(c) = commit {
+            self.group_complete = true;
+            self.group_end = c.end_lsn;
+            self.group_txns += 1;
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, rel: &Arc<RelationInfo>, op: &'static str) {
+        self.group_rows
+            .entry((rel.relation.oid, op))
+            .or_insert_with(|| (rel.clone(), 0))
+            .1 += 1;
+    }
+
+    /// Applies row changes (no TRUNCATE) with statements pipelined on the connection.
+    async fn apply_rows(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
+        let mut prepared = Vec::with_capacity(changes.len());
+        for c in changes {
+            prepared.push(self.statement_for(c).await?);
+        }
+        let client = &self.client;
+        // tokio-postgres sends a request during its future's first poll. Poll each statement
+        // once, here and in order, so the target receives them in source order no matter how
+        // the queue of in-flight futures is polled afterwards.
+        type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
+        let mut in_flight: FuturesOrdered<Pending<'_>> = FuturesOrdered::new();
+        for (c, p) in changes.iter().zip(prepared.iter()) {
+            let mut fut: Pending<'_> = Box::pin(execute_one(client, c, p));
+            if let Poll::Ready(r) = futures::poll!(&mut fut) {
+                fut = Box::pin(futures::future::ready(r));
+            }
+            in_flight.push_back(fut);
+            if in_flight.len() >= PIPELINE_DEPTH {
+                if let Some(r) = in_flight.next().await {
+                    r?;
+                }
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            r?;
+        }
+        drop(in_flight);
+        for c in changes {
+            let rel = match c {
+                Change::Insert { rel, .. }
+                | Change::Update { rel, .. }
+                | Change::Delete { rel, .. } => rel,
+                Change::Truncate { .. } => continue,
+            };
+            self.count(rel, c.operation());
+        }
+        Ok(())
+    }
+
+    async fn statement_for(&mut self, c: &Change) -> Result<Arc<Prepared>, ApplyError> {
+        let (rel, kind, has_old, new_mask, old_mask) = match c {
+            Change::Insert { rel, .. } => (rel, 0u8, false, None, None),
+            Change::Update { rel, old, new } => (
+                rel,
+                1,
+                old.is_some(),
+                statements::unchanged_positions(new),
+                old.as_ref()
+                    .and_then(|o| statements::unchanged_positions(&o.tuple)),
+            ),
+            Change::Delete { rel, old } => (
+                rel,
+                2,
+                true,
+                None,
+                statements::unchanged_positions(&old.tuple),
+            ),
+            Change::Truncate { .. } => unreachable!("truncates have no prepared statement"),
+        };
+        let key = StmtKey {
+            oid: rel.relation.oid,
+            generation: rel.generation,
+            kind,
+            has_old,
+            new_mask,
+            old_mask,
+        };
+        if let Some(p) = self.stmts.get(&key) {
+            return Ok(p.clone());
+        }
+        let tt = self
+            .tables
+            .get(&rel.table)
+            .ok_or_else(|| ApplyError::UnknownTable(rel.table.clone()))?;
+        let plan = match kind {
+            0 => statements::insert(&rel.relation, tt)?,
+            1 => statements::update(
+                &rel.relation,
+                tt,
+                has_old,
+                key.new_mask.as_deref(),
+                key.old_mask.as_deref(),
+            )?,
+            _ => statements::delete(&rel.relation, tt, key.old_mask.as_deref())?,
+        };
+        let op = c.operation();
+        let stmt = self
+            .client
+            .prepare(&plan.sql)
+            .await
+            .map_err(|e| ApplyError::from_pg(&e, &rel.table, op))?;
+        // A newer description of the relation makes older statements useless.
+        self.stmts
+            .retain(|k, _| k.oid != key.oid || k.generation == key.generation);
+        let p = Arc::new(Prepared { stmt, plan });
+        self.stmts.insert(key, p.clone());
+        Ok(p)
+    }
+
+    async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        let lsn = self.group_end.to_string();
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&self.key.system_id, &self.key.slot, &self.key.target, &lsn];
+        let progress = self.client.execute(&self.upsert, &params);
+        let commit = self.client.batch_execute("COMMIT");
+        let (p, c) = futures::join!(progress, commit);
+        let progress_table = TableName {
+            schema: "pgcarve".into(),
+            name: "progress".into(),
+        };
+        p.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
+        c.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
+        self.in_txn = false;
+        self.committed = self.group_end;
+        let txns = self.group_txns;
+        self.group_txns = 0;
+        for ((_, op), (rel, n)) in self.group_rows.drain() {
+            self.metrics
+                .rows_applied
+                .with_label_values(&[&self.name, &rel.table.to_string(), op])
+                .inc_by(n);
+        }
+        self.metrics
+            .transactions_applied
+            .with_label_values(&[&self.name])
+            .inc_by(txns);
+        self.metrics
+            .target_committed_lsn
+            .with_label_values(&[&self.name])
+            .set(self.committed.0 as i64);
+        self.publish(TargetState::Streaming);
+        Ok(())
+    }
+
+    /// The failed state: roll back, report, discard changes, and wait for the backoff and a
+    /// barrier before applying again.
+    async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut mpsc::Receiver<ApplyMsg>) {
+        self.rollback().await;
+        let mut attempts = 0u32;
+        let mut err = err;
+        loop {
+            attempts += 1;
+            self.metrics
+                .errors_total
+                .with_label_values(&[&self.name, &err.class()])
+                .inc();
+            let delay = backoff(&self.cfg, attempts);
+            let (table, constraint, column) = match &err {
+                ApplyError::Rejected {
+                    table,
+                    constraint,
+                    column,
+                    ..
+                } => (Some(table.to_string()), constraint.clone(), column.clone()),
+                ApplyError::Divergence { table, .. } => (Some(table.to_string()), None, None),
+                _ => (None, None, None),
+            };
+            tracing::error!(
+                target_name = %self.name,
+                table = table.as_deref().unwrap_or(""),
+                lsn = %lsn.unwrap_or(self.committed),
+                sqlstate = err.sqlstate().unwrap_or(""),
+                constraint = constraint.as_deref().unwrap_or(""),
+                column = column.as_deref().unwrap_or(""),
+                error_kind = %err.class(),
+                attempt = attempts,
+                retry_in_secs = delay.as_secs_f64(),
+                "apply failed; target stalled, other targets continue: {}",
+                err
+            );
+            self.publish(TargetState::Failed {
+                attempts,
+                retry_ready: false,
+                error: err.to_string(),
+            });
+            let retry_at = tokio::time::Instant::now() + delay;
+            let mut ready = false;
+            let resumed = loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        None => return,
+                        Some(ApplyMsg::Chunk { .. }) => {}
+                        Some(ApplyMsg::Barrier(reply)) => {
+                            if !ready {
+                                let _ = reply.send(self.committed);
+                                continue;
+                            }
+                            let r = self.reconnect_if_needed().await;
+                            let _ = reply.send(self.committed);
+                            break r;
+                        }
+                    },
+                    _ = tokio::time::sleep_until(retry_at), if !ready => {
+                        ready = true;
+                        self.publish(TargetState::Failed {
+                            attempts,
+                            retry_ready: true,
+                            error: err.to_string(),
+                        });
+                    }
+                }
+            };
+            match resumed {
+                Ok(()) => {
+                    tracing::info!(target_name = %self.name, committed = %self.committed, "retrying target");
+                    self.publish(TargetState::Streaming);
+                    return;
+                }
+                Err(e) => err = e,
+            }
+        }
+    }
+
+    /// After a failure: reconnect when the connection is gone, and always reload the progress
+    /// row (a lost COMMIT answer may hide a successful commit).
+    async fn reconnect_if_needed(&mut self) -> Result<(), ApplyError> {
+        let conn_err = |e: tokio_postgres::Error| ApplyError::Connection(safe_pg_error(&e));
+        if self.client.is_closed() {
+            self.client = connect(&self.conn, &self.tls).await.map_err(conn_err)?;
+            self.stmts.clear();
+            self.upsert = progress::prepare_upsert(&self.client)
+                .await
+                .map_err(conn_err)?;
+        }
+        let reloaded = progress::load(&self.client, &self.key)
+            .await
+            .map_err(conn_err)?;
+        self.committed = self.committed.max(reloaded.unwrap_or(Lsn::ZERO));
+        Ok(())
+    }
+}
+
+/// Executes one row change and checks that it touched exactly one row.
+async fn execute_one(client: &Client, c: &Change, p: &Prepared) -> Result<(), ApplyError> {
+    let (rel, new, old, op) = match c {
+        Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
+        Change::Update { rel, old, new } => {
+            (rel, Some(new), old.as_ref().map(|o| &o.tuple), "update")
+        }
+        Change::Delete { rel, old } => (rel, None, Some(&old.tuple), "delete"),
+        Change::Truncate { rels, .. } => {
+            let table = rels
+                .first()
+                .map(|r| r.table.clone())
+                .unwrap_or_else(|| TableName {
+                    schema: String::new(),
+                    name: String::new(),
+                });
+            return Err(ApplyError::UnknownTable(table));
+        }
+    };
+    let params = bind(&p.plan, new, old, rel)?;
+    let rows = client
+        .execute_raw(&p.stmt, params)
+        .await
+        .map_err(|e| ApplyError::from_pg(&e, &rel.table, op))?;
+    if rows != 1 {
+        return Err(ApplyError::Divergence {
+            table: rel.table.clone(),
+            operation: op,
+            rows,
+        });
+    }
+    Ok(())
+}
+
+/// Binds a change's values per the statement's plan.
+fn bind(
+    plan: &Plan,
+    new: Option<&Tuple>,
+    old: Option<&Tuple>,
+    rel: &RelationInfo,
+) -> Result<Vec<TextParam>, ApplyError> {
+    let mut out = Vec::with_capacity(plan.params.len());
+    for &(src, i) in &plan.params {
+        let tuple = match src {
+            Source::New => new,
+            Source::Old => old,
+        };
+        let column = || {
+            rel.relation
+                .columns
+                .get(i)
+                .map(|c| c.name.clone())
+                .unwrap_or_default()
+        };
+        let value = tuple.and_then(|t| t.0.get(i)).ok_or_else(|| {
+            ApplyError::Plan(statements::PlanError::MissingKey {
+                table: rel.table.clone(),
+                column: column(),
+            })
+        })?;
+        out.push(match value {
+            Value::Null => TextParam(None),
+            Value::Text(b) => TextParam(Some(b.clone())),
+            Value::Unchanged => {
+                return Err(ApplyError::Plan(statements::PlanError::MissingKey {
+                    table: rel.table.clone(),
+                    column: column(),
+                }))
+            }
+            Value::Binary(_) => {
+                return Err(ApplyError::Binary {
+                    table: rel.table.clone(),
+                    column: column(),
+                })
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Retry delay after `attempts` failures: doubling from `retry_initial_secs`, capped at
+/// `retry_max_secs`, with up to 20 % jitter so several targets do not retry in lockstep.
+pub fn backoff(cfg: &ApplyConfig, attempts: u32) -> Duration {
+    let exp = cfg.retry_initial_secs * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
+    let capped = exp.min(cfg.retry_max_secs);
+    let jitter = 1.0 + fastrand::f64() * 0.2;
+    Duration::from_secs_f64((capped * jitter).min(cfg.retry_max_secs * 1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let cfg = ApplyConfig {
+            retry_initial_secs: 1.0,
+            retry_max_secs: 8.0,
+            ..ApplyConfig::default()
+        };
+        let d = |a| backoff(&cfg, a).as_secs_f64();
+        assert!((1.0..=1.2).contains(&d(1)));
+        assert!((2.0..=2.4).contains(&d(2)));
+        assert!((8.0..=9.6).contains(&d(10)));
+    }
+
+    #[test]
+    fn text_param_debug_hides_value() {
+        let p = TextParam(Some(Bytes::from_static(b"Alice")));
+        assert_eq!(format!("{p:?}"), "text(5 bytes)");
+    }
+}

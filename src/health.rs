@@ -1,0 +1,187 @@
+//! `/health`: `healthy` (streaming, every target applying), `degraded` (starting,
+//! reconnecting, a target retrying) or `failed` (source unreachable past a grace period, or a
+//! fatal condition). HTTP 200 for the first two, 503 for `failed`; a JSON body always.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::apply::{TargetState, TargetStatus};
+use crate::lsn::Lsn;
+use crate::source::reader::TargetLink;
+
+/// How long the source may be unreachable before /health says `failed`.
+pub const SOURCE_GRACE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+struct State {
+    phase: &'static str,
+    source_connected: bool,
+    source_down_since: Option<Instant>,
+    fatal: Option<String>,
+    lag_seconds: f64,
+    confirmed: Lsn,
+    targets: Vec<(String, TargetStatus)>,
+}
+
+/// Shared health state, written by the daemon and reader, read by the HTTP server.
+#[derive(Clone)]
+pub struct Health(Arc<Mutex<State>>);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health(Arc::new(Mutex::new(State {
+            phase: "starting",
+            source_connected: false,
+            source_down_since: Some(Instant::now()),
+            fatal: None,
+            lag_seconds: 0.0,
+            confirmed: Lsn::ZERO,
+            targets: Vec::new(),
+        })))
+    }
+}
+
+/// The overall verdict, a pure function of the state.
+pub fn verdict(
+    phase: &str,
+    source_connected: bool,
+    source_down_for: Option<Duration>,
+    fatal: bool,
+    targets: &[TargetState],
+) -> &'static str {
+    if fatal || source_down_for.is_some_and(|d| d > SOURCE_GRACE) {
+        return "failed";
+    }
+    if phase != "streaming"
+        || !source_connected
+        || targets.iter().any(|t| *t != TargetState::Streaming)
+    {
+        return "degraded";
+    }
+    "healthy"
+}
+
+impl Health {
+    fn with(&self, f: impl FnOnce(&mut State)) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// Sets the phase (starting, streaming, stopping).
+    pub fn set_phase(&self, phase: &'static str) {
+        self.with(|s| s.phase = phase);
+    }
+
+    /// Records a condition that stops the daemon.
+    pub fn set_fatal(&self, why: String) {
+        self.with(|s| s.fatal = Some(why));
+    }
+
+    /// Records whether the replication stream is up.
+    pub fn set_source_connected(&self, up: bool) {
+        self.with(|s| {
+            if up {
+                s.source_down_since = None;
+                s.phase = "streaming";
+            } else if s.source_connected || s.source_down_since.is_none() {
+                s.source_down_since = Some(Instant::now());
+            }
+            s.source_connected = up;
+        });
+    }
+
+    /// Records lag and confirmed position.
+    pub fn set_lag(&self, lag: f64, confirmed: Lsn) {
+        self.with(|s| {
+            s.lag_seconds = lag;
+            s.confirmed = confirmed;
+        });
+    }
+
+    /// Copies the targets' published status.
+    pub fn set_targets(&self, links: &[TargetLink]) {
+        let t = links
+            .iter()
+            .map(|l| (l.name.clone(), l.status.borrow().clone()))
+            .collect();
+        self.with(|s| s.targets = t);
+    }
+
+    /// Status code and JSON body for /health.
+    pub fn report(&self) -> (u16, serde_json::Value) {
+        let s = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let states: Vec<TargetState> = s.targets.iter().map(|(_, t)| t.state.clone()).collect();
+        let status = verdict(
+            s.phase,
+            s.source_connected,
+            s.source_down_since.map(|t| t.elapsed()),
+            s.fatal.is_some(),
+            &states,
+        );
+        let targets: serde_json::Map<String, serde_json::Value> = s
+            .targets
+            .iter()
+            .map(|(name, t)| {
+                let (state, extra) = match &t.state {
+                    TargetState::Starting => ("starting", json!(null)),
+                    TargetState::Streaming => ("streaming", json!(null)),
+                    TargetState::Failed { attempts, retry_ready, error } => (
+                        "retrying",
+                        json!({"attempts": attempts, "retry_ready": retry_ready, "error": error}),
+                    ),
+                };
+                (
+                    name.clone(),
+                    json!({"state": state, "committed_lsn": t.committed.to_string(), "failure": extra}),
+                )
+            })
+            .collect();
+        let body = json!({
+            "status": status,
+            "phase": s.phase,
+            "source_connected": s.source_connected,
+            "confirmed_lsn": s.confirmed.to_string(),
+            "lag_seconds": s.lag_seconds,
+            "fatal": s.fatal,
+            "targets": targets,
+        });
+        (if status == "failed" { 503 } else { 200 }, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let ok = [TargetState::Streaming];
+        assert_eq!(verdict("streaming", true, None, false, &ok), "healthy");
+        assert_eq!(
+            verdict("starting", false, Some(Duration::from_secs(1)), false, &ok),
+            "degraded"
+        );
+        let retrying = [TargetState::Failed {
+            attempts: 1,
+            retry_ready: false,
+            error: String::new(),
+        }];
+        assert_eq!(
+            verdict("streaming", true, None, false, &retrying),
+            "degraded"
+        );
+        assert_eq!(
+            verdict(
+                "streaming",
+                false,
+                Some(Duration::from_secs(61)),
+                false,
+                &ok
+            ),
+            "failed"
+        );
+        assert_eq!(verdict("streaming", true, None, true, &ok), "failed");
+    }
+}
