@@ -30,12 +30,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run | Command::Demo { .. } => {
-                let _ = &cli.config;
-                Err::<(), anyhow::Error>(anyhow::anyhow!(
-                    "not implemented yet (issue #2 in progress)"
-                ))
-            }
+            Command::Run => pgcarve::daemon::run_from_file(&cli.config).await,
+            Command::Demo { .. } => Err(anyhow::anyhow!(
+                "the demo is not implemented yet (issue #2 in progress)"
+            )),
         }
     });
     match result {

@@ -2,5 +2,7 @@
 
 mod auth_tls;
 mod common;
+mod crash;
+mod failure;
 mod replication_conn;
 mod streaming;

@@ -182,7 +182,18 @@ pub fn safe_pg_error(e: &tokio_postgres::Error) -> String {
             db.code().code(),
             error::sqlstate_name(db.code().code())
         ),
-        None => e.to_string(),
+        // Not a server error (I/O, TLS, closed): no row data, and the cause is what an operator
+        // needs, so follow the source chain that tokio-postgres' Display leaves out.
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

@@ -303,6 +303,10 @@ impl Reader {
         }
         self.open = None;
         self.idle_wal_end = None;
+        // The stream restarts from the confirmed position: everything after it will be read
+        // again, so it no longer counts as processed. Without this, a target that was reset to
+        // an older position would not be pending, and we would confirm past what it needs.
+        self.last_processed = self.confirmed;
         Ok(())
     }
 

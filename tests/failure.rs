@@ -1,0 +1,203 @@
+//! Failures: a target that rejects a change stalls alone and catches up, in order and without
+//! skipping anything, once the cause is fixed; lost connections reconnect and resume.
+
+use std::time::Duration;
+
+use crate::common::{start_daemon, wait_until, Env};
+
+const SCHEMA: &str = "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL);";
+
+fn metric(daemon: &crate::common::Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = daemon.obs.metrics.render();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn rejected_row_stalls_only_its_target_until_fixed() {
+    let env = Env::new(
+        SCHEMA,
+        &[("strict", &["patients"]), ("other", &["patients"])],
+    )
+    .await;
+    env.target("strict")
+        .await
+        .batch_execute("ALTER TABLE patients ADD CONSTRAINT small_ids CHECK (id < 100)")
+        .await
+        .unwrap();
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a'), (2, 'b')")
+        .await
+        .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (150, 'rejected on strict')")
+        .await
+        .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (3, 'after')")
+        .await
+        .unwrap();
+
+    // The other target keeps streaming.
+    env.wait_equal("other", "patients").await;
+    // The strict target counts the error and holds exactly what came before the bad row.
+    wait_until("error counted", Duration::from_secs(30), || async {
+        metric(
+            &daemon,
+            "migration_errors_total",
+            &[("target", "strict"), ("sqlstate_class", "23")],
+        ) > 0.0
+    })
+    .await;
+    let strict = env.target("strict").await;
+    let ids: Vec<i64> = strict
+        .query("SELECT id FROM patients ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A prefix of the source's history: the good transaction may have shared a rolled-back
+    // group with the bad one, but nothing after the rejected row may be there.
+    assert!(
+        ids.is_empty() || ids == vec![1, 2],
+        "target must hold a prefix of history, got {ids:?}"
+    );
+    let (code, body) = daemon.obs.health.report();
+    assert_eq!(
+        code, 200,
+        "a retrying target is degraded, not failed: {body}"
+    );
+    assert_eq!(body["status"], "degraded");
+    // Retries continue (backoff), and the error is never skipped.
+    wait_until("a retry", Duration::from_secs(30), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "strict")]) >= 2.0
+    })
+    .await;
+
+    // The operator fixes the cause; the row and everything after it arrive.
+    strict
+        .batch_execute("ALTER TABLE patients DROP CONSTRAINT small_ids")
+        .await
+        .unwrap();
+    env.wait_equal("strict", "patients").await;
+    src.batch_execute("INSERT INTO patients VALUES (4, 'later')")
+        .await
+        .unwrap();
+    env.wait_equal("strict", "patients").await;
+    env.wait_equal("other", "patients").await;
+    wait_until("healthy again", Duration::from_secs(30), || async {
+        daemon.obs.health.report().1["status"] == "healthy"
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn lost_source_and_target_connections_reconnect_and_resume() {
+    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+
+    // Kill the walsender serving our slot.
+    src.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&env.slot],
+    )
+    .await
+    .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (2, 'b')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+
+    // Kill the target's apply connection.
+    let (_, db, _) = &env.targets[0];
+    env.target("t")
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'pgcarve' AND pid <> pg_backend_pid()",
+            &[db],
+        )
+        .await
+        .unwrap();
+    src.batch_execute(
+        "INSERT INTO patients VALUES (3, 'c'); UPDATE patients SET name = 'z' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("t", "patients").await;
+    assert!(metric(&daemon, "migration_stream_restarts_total", &[]) >= 1.0);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn missing_slot_with_progress_refuses_to_start() {
+    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    env.source()
+        .await
+        .batch_execute("INSERT INTO patients VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+    daemon.stop().await;
+    env.source()
+        .await
+        .execute("SELECT pg_drop_replication_slot($1)", &[&env.slot])
+        .await
+        .unwrap();
+    let settings = pgcarve::config::Config::from_toml(&env.config())
+        .unwrap()
+        .validate()
+        .unwrap();
+    let err = pgcarve::daemon::run(
+        settings,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(&env.slot) && err.contains("t (at"), "{err}");
+}
+
+#[tokio::test]
+async fn table_without_key_or_identity_is_refused_with_the_fix() {
+    let env = Env::new(
+        "CREATE TABLE nokey (a int); CREATE TABLE patients (id int PRIMARY KEY);",
+        &[("t", &["nokey", "patients", "ghost"])],
+    )
+    .await;
+    let settings = pgcarve::config::Config::from_toml(&env.config())
+        .unwrap()
+        .validate()
+        .unwrap();
+    let err = pgcarve::daemon::run(
+        settings,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("REPLICA IDENTITY FULL") && err.contains("public.nokey"),
+        "{err}"
+    );
+    assert!(err.contains("public.ghost does not exist"), "{err}");
+}
