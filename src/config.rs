@@ -457,3 +457,15 @@ listen = "nope"
         assert!(err.to_string().contains("no targets"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn repository_daemon_toml_is_valid() {
+        let c = Config::from_toml(include_str!("../daemon.toml")).expect("daemon.toml parses");
+        let s = c.validate().expect("daemon.toml validates");
+        assert_eq!(s.targets.len(), 9);
+    }
+}
