@@ -6,3 +6,4 @@ mod crash;
 mod failure;
 mod replication_conn;
 mod streaming;
+mod values;

@@ -461,7 +461,9 @@ impl Worker {
         }
         if !self.in_txn {
             self.client
-                .batch_execute("BEGIN")
+                // The source checked deferrable constraints at its commit; applying row by row,
+                // the target must too (a key swap is valid only at commit).
+                .batch_execute("BEGIN; SET CONSTRAINTS ALL DEFERRED")
                 .await
                 .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
             self.in_txn = true;

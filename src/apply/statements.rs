@@ -120,14 +120,15 @@ fn is_skipped(mask: Option<&[u16]>, i: usize) -> bool {
     mask.is_some_and(|m| m.contains(&(i as u16)))
 }
 
-/// `INSERT INTO t (c…) VALUES ($1…)`.
+/// `INSERT INTO t (c…) OVERRIDING SYSTEM VALUE VALUES ($1…)`: the source's values win, also
+/// for `GENERATED ALWAYS` identity columns.
 pub fn insert(rel: &Relation, tt: &TargetTable) -> Result<Plan, PlanError> {
     check_columns(rel, tt)?;
     let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let vals: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
     Ok(Plan {
         sql: format!(
-            "INSERT INTO {} ({}) VALUES ({})",
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
             tt.table.quoted(),
             cols.join(", "),
             vals.join(", ")
@@ -206,8 +207,11 @@ pub fn update(
     check_columns(rel, tt)?;
     let mut params = Vec::new();
     let mut sets = Vec::new();
+    // Without an old key the key did not change: leave key columns out of SET (they may be
+    // GENERATED ALWAYS identity columns, which UPDATE may only set to DEFAULT).
+    let key_unchanged = !has_old && rel.replica_identity != ReplicaIdentity::Full;
     for (i, c) in rel.columns.iter().enumerate() {
-        if is_skipped(new_mask, i) {
+        if is_skipped(new_mask, i) || (key_unchanged && c.is_key()) {
             continue;
         }
         params.push((Source::New, i));
@@ -323,7 +327,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             p.sql,
-            r#"INSERT INTO "public"."patients" ("id", "name") VALUES ($1, $2)"#
+            r#"INSERT INTO "public"."patients" ("id", "name") OVERRIDING SYSTEM VALUE VALUES ($1, $2)"#
         );
         assert_eq!(p.params, vec![(Source::New, 0), (Source::New, 1)]);
     }
@@ -348,12 +352,9 @@ mod tests {
         let p = update(&r, &t, false, Some(&[1]), None).unwrap();
         assert_eq!(
             p.sql,
-            r#"UPDATE "public"."patients" SET "id" = $1, "name" = $2 WHERE "id" = $3"#
+            r#"UPDATE "public"."patients" SET "name" = $1 WHERE "id" = $2"#
         );
-        assert_eq!(
-            p.params,
-            vec![(Source::New, 0), (Source::New, 2), (Source::New, 0)]
-        );
+        assert_eq!(p.params, vec![(Source::New, 2), (Source::New, 0)]);
         // A changed key: the old key finds the row.
         let p = update(&r, &t, true, None, None).unwrap();
         assert_eq!(p.params.last(), Some(&(Source::Old, 0)));
