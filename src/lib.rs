@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod conninfo;
 pub mod daemon;
+pub mod demo;
 pub mod health;
 pub mod http;
 pub mod localpg;

@@ -169,10 +169,13 @@ fn command(
         .env("LANG", "C")
         .env("PATH", "/usr/bin:/bin")
         .env("TZ", "UTC");
-    // SAFETY: the closure only calls async-signal-safe functions (setgid, setuid, prctl).
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, setsid, setgroups,
+    // setgid, setuid).
     unsafe {
         cmd.pre_exec(move || {
-            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+            // Own session: a terminal Ctrl-C reaches the demo, which then stops cleanly and can
+            // still compare the databases, instead of also stopping the server under it.
+            if die_with_parent && libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
             if let Some((uid, gid)) = id {
@@ -182,6 +185,10 @@ fn command(
                 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // After setuid: changing credentials clears the parent-death signal.
+            if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });

@@ -31,9 +31,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => pgcarve::daemon::run_from_file(&cli.config).await,
-            Command::Demo { .. } => Err(anyhow::anyhow!(
-                "the demo is not implemented yet (issue #2 in progress)"
-            )),
+            Command::Demo { seconds, keep } => pgcarve::demo::run(seconds, keep).await,
         }
     });
     match result {
