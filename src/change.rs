@@ -23,6 +23,8 @@ pub struct RelationInfo {
     pub relation: Relation,
     /// Bumped on every new description of this relation.
     pub generation: u64,
+    /// Targets owning this table, resolved once when the Relation message arrives.
+    pub targets: Vec<crate::route::TargetIdx>,
 }
 
 /// One row change.

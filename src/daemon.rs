@@ -7,7 +7,6 @@
 //! 3. the publication (created, or routed tables added) and the slot: a missing slot while a
 //!    target holds progress is a gap in history, so we refuse to start instead of creating one.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -314,6 +313,3 @@ async fn run_inner(
     tracing::info!("stopped");
     result.map_err(DaemonError::from)
 }
-
-/// Source columns by table, for tests and tools.
-pub type SourceColumns = HashMap<crate::config::TableName, Vec<String>>;

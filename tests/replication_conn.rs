@@ -44,3 +44,16 @@ async fn creates_slot_and_reports_server_errors_with_sqlstate() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn start_replication_error_leaves_the_connection_usable() {
+    let c = clusters();
+    let db = fresh_db(&c.source, "startfail").await;
+    let mut conn = open(&c.source.url(&db)).await;
+    let err = conn
+        .start_replication("no_such_slot", pgcarve::lsn::Lsn::ZERO, &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("42704"), "{err}");
+    assert_eq!(conn.identify_system().await.unwrap().dbname, db);
+}

@@ -460,12 +460,15 @@ impl ReplicationConn {
             .iter()
             .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
             .collect();
-        let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+        let mut sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {}",
             quote_ident(slot),
-            start,
-            opts.join(", ")
+            start
         );
+        // An empty option list "()" is a syntax error.
+        if !opts.is_empty() {
+            sql.push_str(&format!(" ({})", opts.join(", ")));
+        }
         frontend::query(&sql, &mut self.wbuf).map_err(|e| ConnError::Protocol(e.to_string()))?;
         self.flush_wbuf().await?;
         loop {
@@ -475,7 +478,8 @@ impl ReplicationConn {
                 TAG_NOTICE_RESPONSE | TAG_PARAMETER_STATUS => {}
                 TAG_ERROR_RESPONSE => {
                     let err = server_error(&frame.body);
-                    // Drain to ReadyForQuery so the error is the whole story.
+                    // Read up to ReadyForQuery so the connection stays usable after the error.
+                    while self.read_frame().await?.tag != TAG_READY_FOR_QUERY {}
                     return Err(err);
                 }
                 TAG_COPY_OUT_RESPONSE => {

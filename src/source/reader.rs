@@ -452,12 +452,14 @@ impl Reader {
                     name: r.name.clone(),
                 };
                 self.generation += 1;
+                let targets = self.router.targets_for(&table).to_vec();
                 self.relations.insert(
                     r.oid,
                     Arc::new(RelationInfo {
                         table,
                         relation: r,
                         generation: self.generation,
+                        targets,
                     }),
                 );
             }
@@ -499,7 +501,7 @@ impl Reader {
                     vec![Vec::new(); self.links.len()];
                 for oid in &t.relations {
                     let rel = self.relation(*oid)?;
-                    for &i in self.router.targets_for(&rel.table) {
+                    for &i in &rel.targets {
                         per_target[i].push(rel.clone());
                     }
                 }
@@ -542,8 +544,9 @@ impl Reader {
         rel: &Arc<RelationInfo>,
         change: Change,
     ) -> Result<(), ReaderError> {
-        let targets = self.router.targets_for(&rel.table).to_vec();
-        let Some((last, rest)) = targets.split_last() else {
+        // `rel` is our own Arc, so its target list can be read while `self` is borrowed mutably.
+        let rel = rel.clone();
+        let Some((last, rest)) = rel.targets.split_last() else {
             return Ok(());
         };
         for &i in rest {

@@ -228,7 +228,6 @@ impl Env {
     pub async fn wait_equal(&self, name: &str, table: &str) {
         let src = self.source().await;
         let dst = self.target(name).await;
-        let mut last = (Vec::new(), Vec::new());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let a = table_rows(&src, table).await;
@@ -236,15 +235,12 @@ impl Env {
             if a == b {
                 return;
             }
-            if Instant::now() > deadline {
-                last.0 = a;
-                last.1 = b;
-                panic!(
-                    "{table} on {name} differs from the source after 60 s: source {} rows, target {} rows",
-                    last.0.len(),
-                    last.1.len()
-                );
-            }
+            assert!(
+                Instant::now() < deadline,
+                "{table} on {name} differs from the source after 60 s: source {} rows, target {} rows",
+                a.len(),
+                b.len()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
