@@ -298,6 +298,8 @@ impl Cluster {
         set("max_wal_senders", "30");
         set("max_replication_slots", "30");
         set("max_connections", "200");
+        // Two-phase transactions, so tests can see pgoutput's prepare messages.
+        set("max_prepared_transactions", "10");
         set("fsync", "off");
         set("synchronous_commit", "on");
         set("full_page_writes", "off");
