@@ -95,6 +95,21 @@ async fn values_round_trip_exactly() {
     .unwrap();
     env.wait_equal("svc", "vals").await;
 
+    // The nine rows above arrived as one run of inserts, through COPY. The same values again,
+    // one row per transaction, go through prepared INSERT statements.
+    src.batch_execute(
+        "DO $$ DECLARE r vals; BEGIN
+             FOR r IN SELECT * FROM vals ORDER BY id LOOP
+                 r.id := r.id + 100;
+                 INSERT INTO vals SELECT r.*;
+                 COMMIT;
+             END LOOP;
+         END $$",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "vals").await;
+
     src.batch_execute(
         r#"
         UPDATE vals SET n = 'NaN', f = 'NaN', tz = '-infinity', ts = '-infinity', d = '-infinity',
@@ -480,6 +495,10 @@ async fn generated_always_identity_values_are_copied() {
     )
     .await
     .unwrap();
+    // A run of inserts long enough for COPY.
+    src.batch_execute("INSERT INTO tickets (v) SELECT 'r' || g FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
     env.wait_equal("svc", "tickets").await;
     daemon.stop().await;
 }

@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, Statement};
@@ -52,6 +52,16 @@ use statements::{Plan, Source, TargetColumn, TargetTable};
 
 /// Statements kept in flight on a target connection at once.
 const PIPELINE_DEPTH: usize = 256;
+
+/// A run of at least this many inserts into one table goes through COPY. COPY costs two round
+/// trips to set up, so short runs are cheaper as pipelined statements.
+const COPY_MIN_ROWS: usize = 8;
+
+/// COPY data is sent in pieces of about this size.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// `StmtKey::kind` of the COPY statement.
+const KIND_COPY: u8 = 3;
 
 /// What a target is doing, as the reader and /health see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -515,8 +525,44 @@ impl Worker {
             .1 += 1;
     }
 
-    /// Applies row changes (no TRUNCATE) with statements pipelined on the connection.
+    /// Applies row changes (no TRUNCATE): runs of at least [`COPY_MIN_ROWS`] inserts into one
+    /// table go through COPY, everything else through prepared statements pipelined on the
+    /// connection. Either way the target sees the changes in source order.
     async fn apply_rows(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
+        let mut i = 0;
+        while i < changes.len() {
+            let run = insert_run(&changes[i..]);
+            if run >= COPY_MIN_ROWS {
+                self.copy_inserts(&changes[i..i + run]).await?;
+                i += run;
+                continue;
+            }
+            // Up to the next run long enough for COPY.
+            let mut j = i + run.max(1);
+            while j < changes.len() {
+                let r = insert_run(&changes[j..]);
+                if r >= COPY_MIN_ROWS {
+                    break;
+                }
+                j += r.max(1);
+            }
+            self.pipeline(&changes[i..j]).await?;
+            i = j;
+        }
+        for c in changes {
+            let rel = match c {
+                Change::Insert { rel, .. }
+                | Change::Update { rel, .. }
+                | Change::Delete { rel, .. } => rel,
+                Change::Truncate { .. } => continue,
+            };
+            self.count(rel, c.operation());
+        }
+        Ok(())
+    }
+
+    /// Executes row changes as prepared statements, pipelined.
+    async fn pipeline(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
         let mut prepared = Vec::with_capacity(changes.len());
         for c in changes {
             prepared.push(self.statement_for(c).await?);
@@ -542,15 +588,64 @@ impl Worker {
         while let Some(r) = in_flight.next().await {
             r?;
         }
-        drop(in_flight);
+        Ok(())
+    }
+
+    /// Inserts a run of rows of one relation with one `COPY … FROM STDIN`.
+    async fn copy_inserts(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
+        let Some(first) = changes.first() else {
+            return Ok(());
+        };
+        let rel = match first {
+            Change::Insert { rel, .. } => rel.clone(),
+            _ => unreachable!("copy_inserts gets runs of inserts"),
+        };
+        let key = StmtKey {
+            oid: rel.relation.oid,
+            generation: rel.generation,
+            kind: KIND_COPY,
+            has_old: false,
+            new_mask: None,
+            old_mask: None,
+        };
+        let p = match self.stmts.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let tt = self
+                    .tables
+                    .get(&rel.table)
+                    .ok_or_else(|| ApplyError::UnknownTable(rel.table.clone()))?;
+                let plan = statements::copy_in(&rel.relation, tt)?;
+                self.prepare_cached(key, plan, &rel.table, "insert").await?
+            }
+        };
+        let reject = |e: tokio_postgres::Error| ApplyError::from_pg(&e, &rel.table, "insert");
+        let sink = self
+            .client
+            .copy_in::<_, Bytes>(&p.stmt)
+            .await
+            .map_err(reject)?;
+        let mut sink = std::pin::pin!(sink);
+        let mut buf = BytesMut::with_capacity(COPY_BUFFER);
         for c in changes {
-            let rel = match c {
-                Change::Insert { rel, .. }
-                | Change::Update { rel, .. }
-                | Change::Delete { rel, .. } => rel,
-                Change::Truncate { .. } => continue,
+            let Change::Insert { new, .. } = c else {
+                unreachable!("copy_inserts gets runs of inserts")
             };
-            self.count(rel, c.operation());
+            encode_copy_row(&mut buf, new, &rel)?;
+            if buf.len() >= COPY_BUFFER {
+                sink.send(buf.split().freeze()).await.map_err(reject)?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(buf.freeze()).await.map_err(reject)?;
+        }
+        let rows = sink.as_mut().finish().await.map_err(reject)?;
+        if rows != changes.len() as u64 {
+            return Err(ApplyError::Divergence {
+                table: rel.table.clone(),
+                operation: "insert",
+                rows,
+            });
         }
         Ok(())
     }
@@ -601,12 +696,23 @@ impl Worker {
             )?,
             _ => statements::delete(&rel.relation, tt, key.old_mask.as_deref())?,
         };
-        let op = c.operation();
+        self.prepare_cached(key, plan, &rel.table, c.operation())
+            .await
+    }
+
+    /// Prepares `plan` on the target and caches it under `key`.
+    async fn prepare_cached(
+        &mut self,
+        key: StmtKey,
+        plan: Plan,
+        table: &TableName,
+        op: &'static str,
+    ) -> Result<Arc<Prepared>, ApplyError> {
         let stmt = self
             .client
             .prepare(&plan.sql)
             .await
-            .map_err(|e| ApplyError::from_pg(&e, &rel.table, op))?;
+            .map_err(|e| ApplyError::from_pg(&e, table, op))?;
         // A newer description of the relation makes older statements useless.
         self.stmts
             .retain(|k, _| k.oid != key.oid || k.generation == key.generation);
@@ -746,6 +852,58 @@ impl Worker {
         self.committed = self.committed.max(reloaded.unwrap_or(Lsn::ZERO));
         Ok(())
     }
+}
+
+/// How many changes from the start of `changes` are inserts into the same relation.
+fn insert_run(changes: &[Change]) -> usize {
+    let Some(Change::Insert { rel: first, .. }) = changes.first() else {
+        return 0;
+    };
+    changes
+        .iter()
+        .take_while(|c| matches!(c, Change::Insert { rel, .. } if Arc::ptr_eq(rel, first)))
+        .count()
+}
+
+/// Appends one row in COPY text format (tab-separated, `\N` for NULL, newline-terminated).
+fn encode_copy_row(buf: &mut BytesMut, row: &Tuple, rel: &RelationInfo) -> Result<(), ApplyError> {
+    let column = |i: usize| {
+        rel.relation
+            .columns
+            .get(i)
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    };
+    if row.0.len() != rel.relation.columns.len() {
+        return Err(ApplyError::Plan(statements::PlanError::MissingValue {
+            table: rel.table.clone(),
+            column: column(row.0.len().min(rel.relation.columns.len())),
+        }));
+    }
+    for (i, v) in row.0.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b'\t');
+        }
+        match v {
+            Value::Null => buf.extend_from_slice(b"\\N"),
+            Value::Text(b) => statements::copy_escape(buf, b),
+            // An insert carries every value; "unchanged" belongs to updates only.
+            Value::Unchanged => {
+                return Err(ApplyError::Plan(statements::PlanError::MissingValue {
+                    table: rel.table.clone(),
+                    column: column(i),
+                }))
+            }
+            Value::Binary(_) => {
+                return Err(ApplyError::Binary {
+                    table: rel.table.clone(),
+                    column: column(i),
+                })
+            }
+        }
+    }
+    buf.put_u8(b'\n');
+    Ok(())
 }
 
 /// Executes one row change and checks that it touched exactly one row.

@@ -17,6 +17,7 @@
 //! Unchanged TOASTed columns are left out of `SET`; each such combination is its own statement
 //! shape, prepared once like the others.
 
+use bytes::BytesMut;
 use std::collections::HashMap;
 
 use crate::config::TableName;
@@ -88,6 +89,14 @@ pub enum PlanError {
         /// Column.
         column: String,
     },
+    /// An insert arrived without a full row (an unchanged-TOAST marker or too few values).
+    #[error("column {column} of {table} has no value in the inserted row")]
+    MissingValue {
+        /// Table.
+        table: TableName,
+        /// Column.
+        column: String,
+    },
 }
 
 fn check_columns(rel: &Relation, tt: &TargetTable) -> Result<(), PlanError> {
@@ -135,6 +144,41 @@ pub fn insert(rel: &Relation, tt: &TargetTable) -> Result<Plan, PlanError> {
         ),
         params: (0..cols.len()).map(|i| (Source::New, i)).collect(),
     })
+}
+
+/// `COPY … FROM STDIN` for a run of inserts into one table: the fast path for bulk inserts.
+/// COPY writes identity columns as given, like `OVERRIDING SYSTEM VALUE`.
+pub fn copy_in(rel: &Relation, tt: &TargetTable) -> Result<Plan, PlanError> {
+    check_columns(rel, tt)?;
+    let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    Ok(Plan {
+        sql: format!(
+            "COPY {} ({}) FROM STDIN",
+            tt.table.quoted(),
+            cols.join(", ")
+        ),
+        params: (0..cols.len()).map(|i| (Source::New, i)).collect(),
+    })
+}
+
+/// Appends one value in COPY text format: backslash, tab, newline and carriage return escaped.
+/// In UTF-8 (our client encoding) these bytes never occur inside a multi-byte character.
+pub fn copy_escape(out: &mut BytesMut, value: &[u8]) {
+    let mut rest = value;
+    while let Some(i) = rest
+        .iter()
+        .position(|&b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(match rest[i] {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            _ => b"\\r",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
 }
 
 /// The WHERE clause finding the row, appending its parameters to `params`.
@@ -277,6 +321,16 @@ pub fn truncate(tables: &[TableName], restart_identity: bool, cascade: bool) -> 
 mod tests {
     use super::*;
     use crate::source::pgoutput::Column;
+
+    #[test]
+    fn copy_escape_escapes_only_the_copy_delimiters() {
+        let mut out = BytesMut::new();
+        copy_escape(&mut out, "a\\b\tc\nd\re\\N é ' \" ,".as_bytes());
+        assert_eq!(&out[..], "a\\\\b\\tc\\nd\\re\\\\N é ' \" ,".as_bytes());
+        out.clear();
+        copy_escape(&mut out, b"");
+        assert!(out.is_empty());
+    }
 
     fn rel(ri: ReplicaIdentity, cols: &[(&str, bool)]) -> Relation {
         Relation {
