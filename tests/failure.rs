@@ -81,6 +81,14 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
         metric(&daemon, "migration_errors_total", &[("target", "strict")]) >= 2.0
     })
     .await;
+    // Attempts accumulate across retries of the same change, so the backoff grows.
+    wait_until("attempts to grow", Duration::from_secs(30), || async {
+        let body = daemon.obs.health.report().1;
+        body["targets"]["strict"]["failure"]["attempts"]
+            .as_u64()
+            .is_some_and(|a| a >= 3)
+    })
+    .await;
 
     // The operator fixes the cause; the row and everything after it arrive.
     strict

@@ -173,9 +173,13 @@ async fn every_message_kind_from_a_real_server_decodes_and_re_encodes() {
         );
         check_contents(&msgs, &origin, binary);
     }
-    sql.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-        .await
-        .unwrap();
+    // The last walsender may still be exiting (the slot is active until it has).
+    let drop = format!("SELECT pg_drop_replication_slot('{slot}')");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = sql.batch_execute(&drop).await {
+        assert!(std::time::Instant::now() < deadline, "drop slot: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn check_contents(msgs: &[Message], origin: &str, binary: bool) {

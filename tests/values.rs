@@ -480,9 +480,13 @@ async fn a_concurrent_reader_never_sees_half_a_transaction() {
 
 #[tokio::test]
 async fn generated_always_identity_values_are_copied() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let env = Env::new(
-        "CREATE TABLE tickets (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);",
-        &[("svc", &["tickets"])],
+        "CREATE TABLE tickets (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+         CREATE TABLE counters (k text PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY, v text);
+         CREATE TABLE full_ids (id int GENERATED ALWAYS AS IDENTITY, v text);
+         ALTER TABLE full_ids REPLICA IDENTITY FULL;",
+        &[("svc", &["tickets", "counters", "full_ids"])],
     )
     .await;
     let daemon = start_daemon(&env.config());
@@ -491,7 +495,9 @@ async fn generated_always_identity_values_are_copied() {
     src.batch_execute(
         "INSERT INTO tickets (v) VALUES ('a'), ('b');
          INSERT INTO tickets OVERRIDING SYSTEM VALUE VALUES (100, 'c');
-         UPDATE tickets SET v = 'b2' WHERE id = 2;",
+         UPDATE tickets SET v = 'b2' WHERE id = 2;
+         INSERT INTO counters (k, v) VALUES ('a', 'x'), ('b', 'y');
+         INSERT INTO full_ids (v) VALUES ('p'), ('q');",
     )
     .await
     .unwrap();
@@ -499,7 +505,36 @@ async fn generated_always_identity_values_are_copied() {
     src.batch_execute("INSERT INTO tickets (v) SELECT 'r' || g FROM generate_series(1, 50) g")
         .await
         .unwrap();
-    env.wait_equal("svc", "tickets").await;
+    // Updates that touch GENERATED ALWAYS columns, which UPDATE on the target may not write:
+    // a key moved to a new identity value, a non-key identity column (RI DEFAULT: its old
+    // value is unknown), and RI FULL rows whose identity value is unchanged.
+    src.batch_execute(
+        "UPDATE tickets SET id = DEFAULT WHERE id = 1;
+         UPDATE counters SET v = 'x2';
+         UPDATE counters SET n = DEFAULT WHERE k = 'b';
+         UPDATE full_ids SET v = 'p2' WHERE v = 'p';",
+    )
+    .await
+    .unwrap();
+    src.batch_execute("INSERT INTO tickets (v) VALUES ('after')")
+        .await
+        .unwrap();
+    for t in ["tickets", "counters", "full_ids"] {
+        env.wait_equal("svc", t).await;
+    }
+    // The target's columns are GENERATED ALWAYS again afterwards.
+    let always: i64 = env
+        .target("svc")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_attribute WHERE attidentity = 'a'
+             AND attrelid IN ('tickets'::regclass, 'counters'::regclass, 'full_ids'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(always, 3);
     daemon.stop().await;
 }
 

@@ -93,6 +93,8 @@ impl ApplyError {
 /// A short name for common SQLSTATEs, so a log line says what happened without the message.
 pub fn sqlstate_name(code: &str) -> &'static str {
     match code {
+        "428C9" => "generated_always",
+        "55006" => "object_in_use",
         "23502" => "not_null_violation",
         "23503" => "foreign_key_violation",
         "23505" => "unique_violation",

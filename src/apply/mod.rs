@@ -63,6 +63,22 @@ const COPY_BUFFER: usize = 256 * 1024;
 /// `StmtKey::kind` of the COPY statement.
 const KIND_COPY: u8 = 3;
 
+/// A failure, with the commit LSN of the source transaction it belongs to when known (a
+/// pipelined statement may fail after later transactions were sent).
+struct Failed {
+    err: ApplyError,
+    lsn: Option<Lsn>,
+}
+
+impl From<ApplyError> for Failed {
+    fn from(err: ApplyError) -> Failed {
+        Failed { err, lsn: None }
+    }
+}
+
+/// One pipelined row statement awaiting its answer.
+type Flight = Pin<Box<dyn Future<Output = Result<(), Failed>> + Send>>;
+
 /// What a target is doing, as the reader and /health see it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetState {
@@ -166,7 +182,10 @@ pub struct Worker {
     name: String,
     conn: ConnInfo,
     tls: TlsConnector,
-    client: Client,
+    client: Arc<Client>,
+    /// Row statements sent and not yet answered, across the source transactions of the open
+    /// group; drained before COPY, TRUNCATE and COMMIT.
+    in_flight: FuturesOrdered<Flight>,
     tables: HashMap<TableName, TargetTable>,
     stmts: HashMap<StmtKey, Arc<Prepared>>,
     upsert: Statement,
@@ -182,6 +201,8 @@ pub struct Worker {
     group_end: Lsn,
     group_txns: u64,
     group_rows: HashMap<(u32, &'static str), (Arc<RelationInfo>, u64)>,
+    /// Failed attempts since the last successful commit.
+    failures: u32,
 }
 
 /// Renders a tokio-postgres error without DETAIL or the server message.
@@ -229,7 +250,8 @@ async fn load_table(
     let rows = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') \
+                    (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
+                    a.attidentity = 'a' \
              FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
             &[&table.quoted()],
@@ -267,12 +289,15 @@ async fn load_table(
                 has_eq,
                 not_null: r.get(2),
                 has_default: r.get(3),
+                identity_always: r.get(4),
             },
         );
     }
+    let has_identity_always = columns.values().any(|c| c.identity_always);
     Ok(Some(TargetTable {
         table: table.clone(),
         columns,
+        has_identity_always,
     }))
 }
 
@@ -347,7 +372,8 @@ impl Worker {
             name: target.name.clone(),
             conn: target.conn.clone(),
             tls,
-            client,
+            client: Arc::new(client),
+            in_flight: FuturesOrdered::new(),
             tables,
             stmts: HashMap::new(),
             upsert,
@@ -362,6 +388,7 @@ impl Worker {
             group_end: Lsn::ZERO,
             group_txns: 0,
             group_rows: HashMap::new(),
+            failures: 0,
         };
         worker
             .metrics
@@ -403,8 +430,8 @@ impl Worker {
             };
             match msg {
                 ApplyMsg::Barrier(reply) => {
-                    if let Err(e) = self.finish_group().await {
-                        self.fail(e, None, &mut rx).await;
+                    if let Err(f) = self.finish_group().await {
+                        self.fail(f.err, f.lsn, &mut rx).await;
                     }
                     let _ = reply.send(self.committed);
                 }
@@ -413,8 +440,15 @@ impl Worker {
                     changes,
                     commit,
                 } => {
-                    if let Err(e) = self.apply_chunk(&xact, &changes, commit).await {
-                        self.fail(e, Some(xact.final_lsn), &mut rx).await;
+                    if let Err(f) = self.apply_chunk(&xact, &changes, commit).await {
+                        // A statement sent earlier may have failed first: report the cause,
+                        // not what the aborted transaction did to the statements after it.
+                        let f = match self.drain().await {
+                            Err(first) => first,
+                            Ok(()) => f,
+                        };
+                        self.fail(f.err, f.lsn.or(Some(xact.final_lsn)), &mut rx)
+                            .await;
                         continue;
                     }
                     if commit.is_some() {
@@ -424,8 +458,9 @@ impl Worker {
                                 continue;
                             }
                         }
-                        if let Err(e) = self.commit_group().await {
-                            self.fail(e, Some(xact.final_lsn), &mut rx).await;
+                        if let Err(f) = self.commit_group().await {
+                            self.fail(f.err, f.lsn.or(Some(xact.final_lsn)), &mut rx)
+                                .await;
                         }
                     }
                 }
@@ -437,7 +472,7 @@ impl Worker {
     }
 
     /// Commits the open group if it ends with a whole source transaction, else rolls it back.
-    async fn finish_group(&mut self) -> Result<(), ApplyError> {
+    async fn finish_group(&mut self) -> Result<(), Failed> {
         if !self.in_txn {
             return Ok(());
         }
@@ -450,6 +485,7 @@ impl Worker {
     }
 
     async fn rollback(&mut self) {
+        self.in_flight = FuturesOrdered::new();
         if self.in_txn {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
@@ -464,7 +500,7 @@ impl Worker {
         xact: &XactInfo,
         changes: &[Change],
         commit: Option<CommitInfo>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<(), Failed> {
         // Already here (a COMMIT whose answer was lost, then a reconnect): skip, never repeat.
         if xact.final_lsn < self.committed {
             return Ok(());
@@ -493,6 +529,7 @@ impl Worker {
                     schema: String::new(),
                     name: String::new(),
                 });
+                self.drain().await?;
                 self.client
                     .batch_execute(&sql)
                     .await
@@ -507,7 +544,8 @@ impl Worker {
                 .iter()
                 .position(|c| matches!(c, Change::Truncate { .. }))
                 .map_or(changes.len(), |p| start + p);
-            self.apply_rows(&changes[start..end]).await?;
+            self.apply_rows(&changes[start..end], xact.final_lsn)
+                .await?;
             start = end;
         }
         if let Some(c) = commit {
@@ -528,11 +566,12 @@ impl Worker {
     /// Applies row changes (no TRUNCATE): runs of at least [`COPY_MIN_ROWS`] inserts into one
     /// table go through COPY, everything else through prepared statements pipelined on the
     /// connection. Either way the target sees the changes in source order.
-    async fn apply_rows(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
+    async fn apply_rows(&mut self, changes: &[Change], lsn: Lsn) -> Result<(), Failed> {
         let mut i = 0;
         while i < changes.len() {
             let run = insert_run(&changes[i..]);
             if run >= COPY_MIN_ROWS {
+                self.drain().await?;
                 self.copy_inserts(&changes[i..i + run]).await?;
                 i += run;
                 continue;
@@ -546,7 +585,7 @@ impl Worker {
                 }
                 j += r.max(1);
             }
-            self.pipeline(&changes[i..j]).await?;
+            self.pipeline(&changes[i..j], lsn).await?;
             i = j;
         }
         for c in changes {
@@ -561,32 +600,62 @@ impl Worker {
         Ok(())
     }
 
-    /// Executes row changes as prepared statements, pipelined.
-    async fn pipeline(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
-        let mut prepared = Vec::with_capacity(changes.len());
+    /// Sends row changes as prepared statements, pipelined: their answers are awaited later
+    /// (at the latest by [`Worker::drain`]), so single-row transactions do not each wait a
+    /// round trip.
+    async fn pipeline(&mut self, changes: &[Change], lsn: Lsn) -> Result<(), Failed> {
         for c in changes {
-            prepared.push(self.statement_for(c).await?);
-        }
-        let client = &self.client;
-        // tokio-postgres sends a request during its future's first poll. Poll each statement
-        // once, here and in order, so the target receives them in source order no matter how
-        // the queue of in-flight futures is polled afterwards.
-        type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
-        let mut in_flight: FuturesOrdered<Pending<'_>> = FuturesOrdered::new();
-        for (c, p) in changes.iter().zip(prepared.iter()) {
-            let mut fut: Pending<'_> = Box::pin(execute_one(client, c, p));
+            let p = self.statement_for(c).await?;
+            let (rel, new, old, op) = match c {
+                Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
+                Change::Update { rel, old, new } => {
+                    (rel, Some(new), old.as_ref().map(|o| &o.tuple), "update")
+                }
+                Change::Delete { rel, old } => (rel, None, Some(&old.tuple), "delete"),
+                Change::Truncate { .. } => unreachable!("truncates are not pipelined"),
+            };
+            let params = bind(&p.plan, new, old, rel)?;
+            if !p.plan.identity_override.is_empty() {
+                // Rare (an identity value changes): run it alone, between the ALTERs.
+                self.drain().await?;
+                let cols = p.plan.identity_override.clone();
+                let with_lsn = |err| Failed {
+                    err,
+                    lsn: Some(lsn),
+                };
+                self.set_identity(&rel.table, &cols, "BY DEFAULT", op)
+                    .await
+                    .map_err(with_lsn)?;
+                flight(self.client.clone(), p, params, rel.clone(), op, lsn).await?;
+                self.set_identity(&rel.table, &cols, "ALWAYS", op)
+                    .await
+                    .map_err(with_lsn)?;
+                continue;
+            }
+            let mut fut = flight(self.client.clone(), p, params, rel.clone(), op, lsn);
+            // tokio-postgres sends a request during its future's first poll. Poll each statement
+            // once, here and in order, so the target receives them in source order no matter
+            // when the queue of in-flight futures is polled afterwards.
             if let Poll::Ready(r) = futures::poll!(&mut fut) {
                 fut = Box::pin(futures::future::ready(r));
             }
-            in_flight.push_back(fut);
-            if in_flight.len() >= PIPELINE_DEPTH {
-                if let Some(r) = in_flight.next().await {
+            self.in_flight.push_back(fut);
+            if self.in_flight.len() >= PIPELINE_DEPTH {
+                if let Some(r) = self.in_flight.next().await {
                     r?;
                 }
             }
         }
-        while let Some(r) = in_flight.next().await {
-            r?;
+        Ok(())
+    }
+
+    /// Waits for every statement in flight; the first failure, in send order, is the cause.
+    async fn drain(&mut self) -> Result<(), Failed> {
+        while let Some(r) = self.in_flight.next().await {
+            if let Err(f) = r {
+                self.in_flight = FuturesOrdered::new();
+                return Err(f);
+            }
         }
         Ok(())
     }
@@ -657,7 +726,15 @@ impl Worker {
                 rel,
                 1,
                 old.is_some(),
-                statements::unchanged_positions(new),
+                match self.tables.get(&rel.table) {
+                    Some(tt) => statements::update_skip_positions(
+                        &rel.relation,
+                        tt,
+                        new,
+                        old.as_ref().map(|o| &o.tuple),
+                    ),
+                    None => return Err(ApplyError::UnknownTable(rel.table.clone())),
+                },
                 old.as_ref()
                     .and_then(|o| statements::unchanged_positions(&o.tuple)),
             ),
@@ -696,8 +773,44 @@ impl Worker {
             )?,
             _ => statements::delete(&rel.relation, tt, key.old_mask.as_deref())?,
         };
-        self.prepare_cached(key, plan, &rel.table, c.operation())
+        if plan.identity_override.is_empty() {
+            return self
+                .prepare_cached(key, plan, &rel.table, c.operation())
+                .await;
+        }
+        // Such an UPDATE only parses while its identity columns are BY DEFAULT.
+        let cols = plan.identity_override.clone();
+        self.set_identity(&rel.table, &cols, "BY DEFAULT", "update")
+            .await?;
+        let p = self
+            .prepare_cached(key, plan, &rel.table, c.operation())
+            .await?;
+        self.set_identity(&rel.table, &cols, "ALWAYS", "update")
+            .await?;
+        Ok(p)
+    }
+
+    /// `ALTER TABLE … ALTER COLUMN c SET GENERATED {kind}` inside the open target transaction,
+    /// for UPDATEs that must write `GENERATED ALWAYS` identity columns.
+    async fn set_identity(
+        &mut self,
+        table: &TableName,
+        cols: &[String],
+        kind: &str,
+        op: &'static str,
+    ) -> Result<(), ApplyError> {
+        let alters: Vec<String> = cols
+            .iter()
+            .map(|c| format!("ALTER COLUMN {c} SET GENERATED {kind}"))
+            .collect();
+        self.client
+            .batch_execute(&format!(
+                "ALTER TABLE {} {}",
+                table.quoted(),
+                alters.join(", ")
+            ))
             .await
+            .map_err(|e| ApplyError::from_pg(&e, table, op))
     }
 
     /// Prepares `plan` on the target and caches it under `key`.
@@ -721,7 +834,10 @@ impl Worker {
         Ok(p)
     }
 
-    async fn commit_group(&mut self) -> Result<(), ApplyError> {
+    async fn commit_group(&mut self) -> Result<(), Failed> {
+        // In an aborted transaction COMMIT answers ROLLBACK without an error: every statement
+        // must have succeeded before it is sent.
+        self.drain().await?;
         let lsn = self.group_end.to_string();
         let params: [&(dyn ToSql + Sync); 4] =
             [&self.key.system_id, &self.key.slot, &self.key.target, &lsn];
@@ -735,6 +851,7 @@ impl Worker {
         p.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
         c.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
         self.in_txn = false;
+        self.failures = 0;
         self.committed = self.group_end;
         let txns = self.group_txns;
         self.group_txns = 0;
@@ -760,10 +877,12 @@ impl Worker {
     /// barrier before applying again.
     async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut mpsc::Receiver<ApplyMsg>) {
         self.rollback().await;
-        let mut attempts = 0u32;
         let mut err = err;
         loop {
-            attempts += 1;
+            // Counted across retries until a group commits, so the backoff grows while the
+            // same change keeps failing.
+            self.failures = self.failures.saturating_add(1);
+            let attempts = self.failures;
             self.metrics
                 .errors_total
                 .with_label_values(&[&self.name, &err.class()])
@@ -840,7 +959,7 @@ impl Worker {
     async fn reconnect_if_needed(&mut self) -> Result<(), ApplyError> {
         let conn_err = |e: tokio_postgres::Error| ApplyError::Connection(safe_pg_error(&e));
         if self.client.is_closed() {
-            self.client = connect(&self.conn, &self.tls).await.map_err(conn_err)?;
+            self.client = Arc::new(connect(&self.conn, &self.tls).await.map_err(conn_err)?);
             self.stmts.clear();
             self.upsert = progress::prepare_upsert(&self.client)
                 .await
@@ -906,38 +1025,33 @@ fn encode_copy_row(buf: &mut BytesMut, row: &Tuple, rel: &RelationInfo) -> Resul
     Ok(())
 }
 
-/// Executes one row change and checks that it touched exactly one row.
-async fn execute_one(client: &Client, c: &Change, p: &Prepared) -> Result<(), ApplyError> {
-    let (rel, new, old, op) = match c {
-        Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
-        Change::Update { rel, old, new } => {
-            (rel, Some(new), old.as_ref().map(|o| &o.tuple), "update")
+/// Executes one bound row statement and checks that it touched exactly one row.
+fn flight(
+    client: Arc<Client>,
+    p: Arc<Prepared>,
+    params: Vec<TextParam>,
+    rel: Arc<RelationInfo>,
+    op: &'static str,
+    lsn: Lsn,
+) -> Flight {
+    Box::pin(async move {
+        let failed = |err| Failed {
+            err,
+            lsn: Some(lsn),
+        };
+        let rows = client
+            .execute_raw(&p.stmt, params)
+            .await
+            .map_err(|e| failed(ApplyError::from_pg(&e, &rel.table, op)))?;
+        if rows != 1 {
+            return Err(failed(ApplyError::Divergence {
+                table: rel.table.clone(),
+                operation: op,
+                rows,
+            }));
         }
-        Change::Delete { rel, old } => (rel, None, Some(&old.tuple), "delete"),
-        Change::Truncate { rels, .. } => {
-            let table = rels
-                .first()
-                .map(|r| r.table.clone())
-                .unwrap_or_else(|| TableName {
-                    schema: String::new(),
-                    name: String::new(),
-                });
-            return Err(ApplyError::UnknownTable(table));
-        }
-    };
-    let params = bind(&p.plan, new, old, rel)?;
-    let rows = client
-        .execute_raw(&p.stmt, params)
-        .await
-        .map_err(|e| ApplyError::from_pg(&e, &rel.table, op))?;
-    if rows != 1 {
-        return Err(ApplyError::Divergence {
-            table: rel.table.clone(),
-            operation: op,
-            rows,
-        });
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Binds a change's values per the statement's plan.
