@@ -110,13 +110,26 @@ fn load_roots(info: &ConnInfo) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+fn default_root_cert_exists() -> bool {
+    std::env::var_os("HOME")
+        .is_some_and(|home| Path::new(&home).join(".postgresql/root.crt").exists())
+}
+
 impl TlsConnector {
     /// Builds the connector for one database. Fails early when a verify mode has no usable CA.
     pub fn new(info: &ConnInfo) -> Result<Self, TlsError> {
         let provider = provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?;
-        let config = match info.sslmode {
+        // Like libpq: with a root CA file (given, or ~/.postgresql/root.crt), `require` checks
+        // the certificate chain as `verify-ca` does.
+        let mode = match info.sslmode {
+            SslMode::Require if info.sslrootcert.is_some() || default_root_cert_exists() => {
+                SslMode::VerifyCa
+            }
+            m => m,
+        };
+        let config = match mode {
             SslMode::Disable => None,
             SslMode::Prefer | SslMode::Require => Some(
                 builder

@@ -446,6 +446,19 @@ async fn sslmode_require_connects_over_tls() {
 }
 
 #[tokio::test]
+async fn sslmode_require_with_a_root_cert_checks_the_chain_like_libpq() {
+    let t = tls_cluster();
+    let good = format!("sslmode=require&sslrootcert={}", t.ca().display());
+    assert_connects(&t.url("tls_user", Some(PASSWORD), "127.0.0.1", &good), true).await;
+    let wrong = format!("sslmode=require&sslrootcert={}", t.other_ca().display());
+    assert_cert_rejected(
+        &t.url("tls_user", Some(PASSWORD), "127.0.0.1", &wrong),
+        "UnknownIssuer",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn sslmode_disable_is_rejected_for_hostssl_only_user() {
     let t = tls_cluster();
     let url = t.url("tls_user", Some(PASSWORD), "127.0.0.1", "sslmode=disable");
