@@ -8,7 +8,10 @@ use pgcarve::cli::{Cli, Command, LogFormat};
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCARVE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // tokio-postgres logs server NOTICEs at info and statements at debug; a target's
+        // trigger may RAISE NOTICE with row values. Never below warn, whatever PGCARVE_LOG says.
+        .add_directive("tokio_postgres=warn".parse().expect("static directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

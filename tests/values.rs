@@ -96,12 +96,14 @@ async fn values_round_trip_exactly() {
     env.wait_equal("svc", "vals").await;
 
     // The nine rows above arrived as one run of inserts, through COPY. The same values again,
-    // one row per transaction, go through prepared INSERT statements.
+    // each insert followed by an update (so no run reaches COPY), go through prepared INSERT
+    // statements.
     src.batch_execute(
         "DO $$ DECLARE r vals; BEGIN
              FOR r IN SELECT * FROM vals ORDER BY id LOOP
                  r.id := r.id + 100;
                  INSERT INTO vals SELECT r.*;
+                 UPDATE vals SET bo = bo WHERE id = r.id;
                  COMMIT;
              END LOOP;
          END $$",
@@ -561,5 +563,45 @@ async fn swapping_deferrable_keys_moves_both_rows() {
     .await
     .unwrap();
     env.wait_equal("svc", "slots").await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn tables_with_statement_triggers_or_rules_get_inserts_not_copy() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY, v text);",
+        &[("svc", &["notes"])],
+    )
+    .await;
+    // On the target only: a statement trigger counting INSERT statements. COPY would fire it
+    // once for the whole run; row-by-row INSERT fires it once per row.
+    env.target("svc")
+        .await
+        .batch_execute(
+            "CREATE TABLE fired (n int NOT NULL);
+             INSERT INTO fired VALUES (0);
+             CREATE FUNCTION count_stmt() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN UPDATE fired SET n = n + 1; RETURN NULL; END $$;
+             CREATE TRIGGER per_statement AFTER INSERT ON notes
+                 FOR EACH STATEMENT EXECUTE FUNCTION count_stmt();",
+        )
+        .await
+        .unwrap();
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    env.source()
+        .await
+        .batch_execute("INSERT INTO notes SELECT g, 'n' || g FROM generate_series(1, 20) g")
+        .await
+        .unwrap();
+    env.wait_equal("svc", "notes").await;
+    let fired: i32 = env
+        .target("svc")
+        .await
+        .query_one("SELECT n FROM fired", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fired, 20);
     daemon.stop().await;
 }

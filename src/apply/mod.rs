@@ -57,11 +57,17 @@ const PIPELINE_DEPTH: usize = 256;
 /// trips to set up, so short runs are cheaper as pipelined statements.
 const COPY_MIN_ROWS: usize = 8;
 
+/// A pending run of inserts is sent once it has this many rows (bounds the worker's memory).
+const COPY_MAX_ROWS: usize = 10_000;
+
 /// COPY data is sent in pieces of about this size.
 const COPY_BUFFER: usize = 256 * 1024;
 
 /// `StmtKey::kind` of the COPY statement.
 const KIND_COPY: u8 = 3;
+
+/// `StmtKey::kind` of an UPDATE that writes identity columns between ALTERs.
+const KIND_UPDATE_UNGUARDED: u8 = 4;
 
 /// A failure, with the commit LSN of the source transaction it belongs to when known (a
 /// pipelined statement may fail after later transactions were sent).
@@ -74,6 +80,18 @@ impl From<ApplyError> for Failed {
     fn from(err: ApplyError) -> Failed {
         Failed { err, lsn: None }
     }
+}
+
+impl From<statements::PlanError> for Failed {
+    fn from(err: statements::PlanError) -> Failed {
+        ApplyError::Plan(err).into()
+    }
+}
+
+/// Consecutive inserts into one table, not yet sent, each with its source transaction's LSN.
+struct InsertRun {
+    rel: Arc<RelationInfo>,
+    rows: Vec<(Change, Lsn)>,
 }
 
 /// One pipelined row statement awaiting its answer.
@@ -203,6 +221,11 @@ pub struct Worker {
     group_rows: HashMap<(u32, &'static str), (Arc<RelationInfo>, u64)>,
     /// Failed attempts since the last successful commit.
     failures: u32,
+    /// Inserts waiting to be sent as one run (COPY when long enough).
+    pending: Option<InsertRun>,
+    /// Since the last failure: runs end with their source transaction, so a failure is named
+    /// with its exact LSN.
+    precise: bool,
 }
 
 /// Renders a tokio-postgres error without DETAIL or the server message.
@@ -294,10 +317,24 @@ async fn load_table(
         );
     }
     let has_identity_always = columns.values().any(|c| c.identity_always);
+    // COPY acts like INSERT on plain and partitioned tables, except where rules (ignored by
+    // COPY), row-level security (COPY FROM refuses it) or statement triggers (fired once per
+    // COPY, not per INSERT) are involved: those tables always get INSERT.
+    let copy_ok: bool = client
+        .query_one(
+            "SELECT c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND NOT c.relhasrules \
+                    AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid \
+                                    AND NOT t.tgisinternal AND (t.tgtype & 1) = 0) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await?
+        .get(0);
     Ok(Some(TargetTable {
         table: table.clone(),
         columns,
         has_identity_always,
+        copy_ok,
     }))
 }
 
@@ -389,6 +426,8 @@ impl Worker {
             group_txns: 0,
             group_rows: HashMap::new(),
             failures: 0,
+            pending: None,
+            precise: false,
         };
         worker
             .metrics
@@ -440,7 +479,7 @@ impl Worker {
                     changes,
                     commit,
                 } => {
-                    if let Err(f) = self.apply_chunk(&xact, &changes, commit).await {
+                    if let Err(f) = self.apply_chunk(&xact, changes, commit).await {
                         // A statement sent earlier may have failed first: report the cause,
                         // not what the aborted transaction did to the statements after it.
                         let f = match self.drain().await {
@@ -486,6 +525,7 @@ impl Worker {
 
     async fn rollback(&mut self) {
         self.in_flight = FuturesOrdered::new();
+        self.pending = None;
         if self.in_txn {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
@@ -498,7 +538,7 @@ impl Worker {
     async fn apply_chunk(
         &mut self,
         xact: &XactInfo,
-        changes: &[Change],
+        changes: Vec<Change>,
         commit: Option<CommitInfo>,
     ) -> Result<(), Failed> {
         // Already here (a COMMIT whose answer was lost, then a reconnect): skip, never repeat.
@@ -515,38 +555,60 @@ impl Worker {
             self.in_txn = true;
         }
         self.group_complete = false;
-        let mut start = 0;
-        while start < changes.len() {
-            if let Change::Truncate {
-                rels,
-                cascade,
-                restart_identity,
-            } = &changes[start]
-            {
-                let names: Vec<TableName> = rels.iter().map(|r| r.table.clone()).collect();
-                let sql = statements::truncate(&names, *restart_identity, *cascade);
-                let first = names.first().cloned().unwrap_or_else(|| TableName {
-                    schema: String::new(),
-                    name: String::new(),
-                });
-                self.drain().await?;
-                self.client
-                    .batch_execute(&sql)
-                    .await
-                    .map_err(|e| ApplyError::from_pg(&e, &first, "truncate"))?;
-                for r in rels {
-                    self.count(r, "truncate");
+        let lsn = xact.final_lsn;
+        for c in changes {
+            match c {
+                Change::Truncate {
+                    ref rels,
+                    cascade,
+                    restart_identity,
+                } => {
+                    self.flush_inserts().await?;
+                    self.drain().await?;
+                    let names: Vec<TableName> = rels.iter().map(|r| r.table.clone()).collect();
+                    let sql = statements::truncate(&names, restart_identity, cascade);
+                    let first = names.first().cloned().unwrap_or_else(|| TableName {
+                        schema: String::new(),
+                        name: String::new(),
+                    });
+                    self.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|e| ApplyError::from_pg(&e, &first, "truncate"))?;
+                    for r in rels {
+                        self.count(r, "truncate");
+                    }
                 }
-                start += 1;
-                continue;
+                Change::Insert { ref rel, .. } => {
+                    self.count(rel, "insert");
+                    let same = self
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| Arc::ptr_eq(&p.rel, rel));
+                    if !same {
+                        self.flush_inserts().await?;
+                        self.pending = Some(InsertRun {
+                            rel: rel.clone(),
+                            rows: Vec::new(),
+                        });
+                    }
+                    let run = self.pending.as_mut().expect("pending run");
+                    run.rows.push((c, lsn));
+                    if run.rows.len() >= COPY_MAX_ROWS {
+                        self.flush_inserts().await?;
+                    }
+                }
+                Change::Update { ref rel, .. } | Change::Delete { ref rel, .. } => {
+                    self.count(rel, c.operation());
+                    self.flush_inserts().await?;
+                    self.pipeline(std::slice::from_ref(&c), lsn).await?;
+                }
             }
-            let end = changes[start..]
-                .iter()
-                .position(|c| matches!(c, Change::Truncate { .. }))
-                .map_or(changes.len(), |p| start + p);
-            self.apply_rows(&changes[start..end], xact.final_lsn)
-                .await?;
-            start = end;
+        }
+        // After a failure, retry one source transaction per run, so a failing run names the
+        // exact transaction.
+        if self.precise {
+            self.flush_inserts().await?;
         }
         if let Some(c) = commit {
             self.group_complete = true;
@@ -563,39 +625,27 @@ impl Worker {
             .1 += 1;
     }
 
-    /// Applies row changes (no TRUNCATE): runs of at least [`COPY_MIN_ROWS`] inserts into one
-    /// table go through COPY, everything else through prepared statements pipelined on the
-    /// connection. Either way the target sees the changes in source order.
-    async fn apply_rows(&mut self, changes: &[Change], lsn: Lsn) -> Result<(), Failed> {
-        let mut i = 0;
-        while i < changes.len() {
-            let run = insert_run(&changes[i..]);
-            if run >= COPY_MIN_ROWS {
-                self.drain().await?;
-                self.copy_inserts(&changes[i..i + run]).await?;
-                i += run;
-                continue;
-            }
-            // Up to the next run long enough for COPY.
-            let mut j = i + run.max(1);
-            while j < changes.len() {
-                let r = insert_run(&changes[j..]);
-                if r >= COPY_MIN_ROWS {
-                    break;
+    /// Sends the pending run of inserts: through COPY when it has at least [`COPY_MIN_ROWS`]
+    /// rows, else as pipelined statements. Runs collect consecutive inserts into one table,
+    /// across the source transactions of a group, so single-row transactions reach COPY too.
+    async fn flush_inserts(&mut self) -> Result<(), Failed> {
+        let Some(run) = self.pending.take() else {
+            return Ok(());
+        };
+        let copy_ok = self.tables.get(&run.rel.table).is_some_and(|t| t.copy_ok);
+        if copy_ok && run.rows.len() >= COPY_MIN_ROWS {
+            self.drain().await?;
+            let first_lsn = run.rows.first().map(|(_, l)| *l);
+            return self.copy_inserts(&run.rel, &run.rows).await.map_err(|err| {
+                // Rows of several transactions: name the first; the retry is precise.
+                Failed {
+                    err,
+                    lsn: first_lsn,
                 }
-                j += r.max(1);
-            }
-            self.pipeline(&changes[i..j], lsn).await?;
-            i = j;
+            });
         }
-        for c in changes {
-            let rel = match c {
-                Change::Insert { rel, .. }
-                | Change::Update { rel, .. }
-                | Change::Delete { rel, .. } => rel,
-                Change::Truncate { .. } => continue,
-            };
-            self.count(rel, c.operation());
+        for (c, lsn) in &run.rows {
+            self.pipeline(std::slice::from_ref(c), *lsn).await?;
         }
         Ok(())
     }
@@ -605,7 +655,7 @@ impl Worker {
     /// round trip.
     async fn pipeline(&mut self, changes: &[Change], lsn: Lsn) -> Result<(), Failed> {
         for c in changes {
-            let p = self.statement_for(c).await?;
+            let p = self.statement_for(c, false).await?;
             let (rel, new, old, op) = match c {
                 Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
                 Change::Update { rel, old, new } => {
@@ -615,21 +665,41 @@ impl Worker {
                 Change::Truncate { .. } => unreachable!("truncates are not pipelined"),
             };
             let params = bind(&p.plan, new, old, rel)?;
-            if !p.plan.identity_override.is_empty() {
-                // Rare (an identity value changes): run it alone, between the ALTERs.
+            if p.plan.guarded {
+                // Identity values checked, not written: alone, to see the row count.
                 self.drain().await?;
-                let cols = p.plan.identity_override.clone();
-                let with_lsn = |err| Failed {
-                    err,
-                    lsn: Some(lsn),
-                };
-                self.set_identity(&rel.table, &cols, "BY DEFAULT", op)
+                let rows = self
+                    .client
+                    .execute_raw(&p.stmt, params)
                     .await
-                    .map_err(with_lsn)?;
-                flight(self.client.clone(), p, params, rel.clone(), op, lsn).await?;
-                self.set_identity(&rel.table, &cols, "ALWAYS", op)
-                    .await
-                    .map_err(with_lsn)?;
+                    .map_err(|e| Failed {
+                        err: ApplyError::from_pg(&e, &rel.table, op),
+                        lsn: Some(lsn),
+                    })?;
+                match rows {
+                    1 => continue,
+                    // The source changed an identity value: write it.
+                    0 => {
+                        let p = self.statement_for(c, true).await?;
+                        let params = bind(&p.plan, new, old, rel)?;
+                        self.with_identity_override(p, params, rel, op, lsn).await?;
+                        continue;
+                    }
+                    rows => {
+                        return Err(Failed {
+                            err: ApplyError::Divergence {
+                                table: rel.table.clone(),
+                                operation: op,
+                                rows,
+                            },
+                            lsn: Some(lsn),
+                        })
+                    }
+                }
+            }
+            if !p.plan.identity_override.is_empty() {
+                self.drain().await?;
+                self.with_identity_override(p, params, rel, op, lsn).await?;
                 continue;
             }
             let mut fut = flight(self.client.clone(), p, params, rel.clone(), op, lsn);
@@ -641,12 +711,38 @@ impl Worker {
             }
             self.in_flight.push_back(fut);
             if self.in_flight.len() >= PIPELINE_DEPTH {
-                if let Some(r) = self.in_flight.next().await {
-                    r?;
+                if let Some(Err(f)) = self.in_flight.next().await {
+                    // The cause; what follows it only failed because the transaction aborted.
+                    self.in_flight = FuturesOrdered::new();
+                    return Err(f);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Runs an UPDATE that writes `GENERATED ALWAYS` identity columns, alone, between
+    /// `ALTER COLUMN … SET GENERATED BY DEFAULT` and back. Rare: an identity value changed.
+    async fn with_identity_override(
+        &mut self,
+        p: Arc<Prepared>,
+        params: Vec<TextParam>,
+        rel: &Arc<RelationInfo>,
+        op: &'static str,
+        lsn: Lsn,
+    ) -> Result<(), Failed> {
+        let cols = p.plan.identity_override.clone();
+        let with_lsn = |err| Failed {
+            err,
+            lsn: Some(lsn),
+        };
+        self.set_identity(&rel.table, &cols, "BY DEFAULT", op)
+            .await
+            .map_err(with_lsn)?;
+        flight(self.client.clone(), p, params, rel.clone(), op, lsn).await?;
+        self.set_identity(&rel.table, &cols, "ALWAYS", op)
+            .await
+            .map_err(with_lsn)
     }
 
     /// Waits for every statement in flight; the first failure, in send order, is the cause.
@@ -661,14 +757,11 @@ impl Worker {
     }
 
     /// Inserts a run of rows of one relation with one `COPY … FROM STDIN`.
-    async fn copy_inserts(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
-        let Some(first) = changes.first() else {
-            return Ok(());
-        };
-        let rel = match first {
-            Change::Insert { rel, .. } => rel.clone(),
-            _ => unreachable!("copy_inserts gets runs of inserts"),
-        };
+    async fn copy_inserts(
+        &mut self,
+        rel: &Arc<RelationInfo>,
+        changes: &[(Change, Lsn)],
+    ) -> Result<(), ApplyError> {
         let key = StmtKey {
             oid: rel.relation.oid,
             generation: rel.generation,
@@ -696,11 +789,11 @@ impl Worker {
             .map_err(reject)?;
         let mut sink = std::pin::pin!(sink);
         let mut buf = BytesMut::with_capacity(COPY_BUFFER);
-        for c in changes {
+        for (c, _) in changes {
             let Change::Insert { new, .. } = c else {
                 unreachable!("copy_inserts gets runs of inserts")
             };
-            encode_copy_row(&mut buf, new, &rel)?;
+            encode_copy_row(&mut buf, new, rel)?;
             if buf.len() >= COPY_BUFFER {
                 sink.send(buf.split().freeze()).await.map_err(reject)?;
             }
@@ -719,12 +812,18 @@ impl Worker {
         Ok(())
     }
 
-    async fn statement_for(&mut self, c: &Change) -> Result<Arc<Prepared>, ApplyError> {
+    /// The prepared statement for a row change; `unguarded` asks for the UPDATE that writes
+    /// identity columns (see [`statements::update`]).
+    async fn statement_for(
+        &mut self,
+        c: &Change,
+        unguarded: bool,
+    ) -> Result<Arc<Prepared>, Failed> {
         let (rel, kind, has_old, new_mask, old_mask) = match c {
             Change::Insert { rel, .. } => (rel, 0u8, false, None, None),
             Change::Update { rel, old, new } => (
                 rel,
-                1,
+                if unguarded { KIND_UPDATE_UNGUARDED } else { 1 },
                 old.is_some(),
                 match self.tables.get(&rel.table) {
                     Some(tt) => statements::update_skip_positions(
@@ -733,7 +832,7 @@ impl Worker {
                         new,
                         old.as_ref().map(|o| &o.tuple),
                     ),
-                    None => return Err(ApplyError::UnknownTable(rel.table.clone())),
+                    None => return Err(ApplyError::UnknownTable(rel.table.clone()).into()),
                 },
                 old.as_ref()
                     .and_then(|o| statements::unchanged_positions(&o.tuple)),
@@ -758,25 +857,30 @@ impl Worker {
         if let Some(p) = self.stmts.get(&key) {
             return Ok(p.clone());
         }
+        // Answers to statements in flight must be read first: the connection stops reading
+        // while an unpolled answer queue is full, and a statement that already failed would
+        // make this prepare fail with 25P02 instead of naming the cause.
+        self.drain().await?;
         let tt = self
             .tables
             .get(&rel.table)
             .ok_or_else(|| ApplyError::UnknownTable(rel.table.clone()))?;
         let plan = match kind {
             0 => statements::insert(&rel.relation, tt)?,
-            1 => statements::update(
+            1 | KIND_UPDATE_UNGUARDED => statements::update(
                 &rel.relation,
                 tt,
                 has_old,
                 key.new_mask.as_deref(),
                 key.old_mask.as_deref(),
+                kind == 1,
             )?,
             _ => statements::delete(&rel.relation, tt, key.old_mask.as_deref())?,
         };
         if plan.identity_override.is_empty() {
-            return self
+            return Ok(self
                 .prepare_cached(key, plan, &rel.table, c.operation())
-                .await;
+                .await?);
         }
         // Such an UPDATE only parses while its identity columns are BY DEFAULT.
         let cols = plan.identity_override.clone();
@@ -835,6 +939,7 @@ impl Worker {
     }
 
     async fn commit_group(&mut self) -> Result<(), Failed> {
+        self.flush_inserts().await?;
         // In an aborted transaction COMMIT answers ROLLBACK without an error: every statement
         // must have succeeded before it is sent.
         self.drain().await?;
@@ -852,6 +957,7 @@ impl Worker {
         c.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
         self.in_txn = false;
         self.failures = 0;
+        self.precise = false;
         self.committed = self.group_end;
         let txns = self.group_txns;
         self.group_txns = 0;
@@ -877,6 +983,7 @@ impl Worker {
     /// barrier before applying again.
     async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut mpsc::Receiver<ApplyMsg>) {
         self.rollback().await;
+        self.precise = true;
         let mut err = err;
         loop {
             // Counted across retries until a group commits, so the backoff grows while the
@@ -971,17 +1078,6 @@ impl Worker {
         self.committed = self.committed.max(reloaded.unwrap_or(Lsn::ZERO));
         Ok(())
     }
-}
-
-/// How many changes from the start of `changes` are inserts into the same relation.
-fn insert_run(changes: &[Change]) -> usize {
-    let Some(Change::Insert { rel: first, .. }) = changes.first() else {
-        return 0;
-    };
-    changes
-        .iter()
-        .take_while(|c| matches!(c, Change::Insert { rel, .. } if Arc::ptr_eq(rel, first)))
-        .count()
 }
 
 /// Appends one row in COPY text format (tab-separated, `\N` for NULL, newline-terminated).
