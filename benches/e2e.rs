@@ -18,7 +18,9 @@
 //! `cargo bench --bench e2e`. Knobs (environment): `PGCARVE_BENCH_ROWS` (default 200000; the
 //! small scenario uses a tenth), `PGCARVE_BENCH_ROUNDS` (default 3, the median is reported),
 //! `PGCARVE_BENCH_FSYNC` (default `on`; `off` for a faster, less realistic run),
-//! `PGCARVE_BENCH_SCENARIOS` (comma-separated subset).
+//! `PGCARVE_BENCH_SCENARIOS` (comma-separated subset), `PGCARVE_BENCH_NATIVE_SYNC` (the
+//! subscriptions' `synchronous_commit`, default `off` as in PostgreSQL; `on` compares at the
+//! durability pgcarve always has).
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +97,8 @@ struct Bench {
     source: Cluster,
     target: Cluster,
     next: std::cell::Cell<u32>,
+    /// The subscriptions' synchronous_commit.
+    native_sync: String,
 }
 
 async fn connect(url: &str) -> Client {
@@ -163,8 +167,9 @@ impl Bench {
                 t.batch_execute(&format!(
                     "CREATE SUBSCRIPTION sub{i} CONNECTION '{}' PUBLICATION pub
                  WITH (create_slot = false, slot_name = 'sub{i}', copy_data = false,
-                       enabled = false)",
-                    self.source.url(&src_db)
+                       enabled = false, synchronous_commit = '{}')",
+                    self.source.url(&src_db),
+                    self.native_sync
                 ))
                 .await
                 .unwrap();
@@ -183,8 +188,9 @@ impl Bench {
         let daemon = match consumer {
             Consumer::Pgcarve => {
                 let mut toml = format!(
-                    "[source]\nurl = {:?}\nslot = \"carve\"\npublication = \"pub\"\n\n[metrics]\nlisten = \"\"\n",
-                    self.source.url(&src_db)
+                    "[source]\nurl = {:?}\nslot = \"carve\"\npublication = \"pub\"\n\n[metrics]\nlisten = \"\"\n{}",
+                    self.source.url(&src_db),
+                    std::env::var("PGCARVE_BENCH_APPLY").unwrap_or_default()
                 );
                 for (i, (db, _)) in targets.iter().enumerate() {
                     toml.push_str(&format!(
@@ -325,6 +331,7 @@ fn main() {
     let rows = rows / 1000 * 1000;
     let rounds: usize = env_or("PGCARVE_BENCH_ROUNDS", 3);
     let fsync: String = env_or("PGCARVE_BENCH_FSYNC", "on".to_string());
+    let native_sync: String = env_or("PGCARVE_BENCH_NATIVE_SYNC", "off".to_string());
     let wanted: String = env_or("PGCARVE_BENCH_SCENARIOS", "bulk,small,fanout3".to_string());
     let scenarios: Vec<Scenario> = [Scenario::Bulk, Scenario::Small, Scenario::Fanout3]
         .into_iter()
@@ -344,6 +351,7 @@ fn main() {
         source: Cluster::start(&opts).expect("start source cluster"),
         target: Cluster::start(&opts).expect("start target cluster"),
         next: std::cell::Cell::new(0),
+        native_sync: native_sync.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -356,10 +364,20 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
+        "durability: pgcarve commits with synchronous_commit=on (the slot is confirmed at \
+         commit); native subscriptions with synchronous_commit={native_sync} (off is their \
+         default: the subscriber reports its flushed position)"
+    );
+    println!(
         "{:<9} {:>12} {:>14} {:>14} {:>8}",
         "scenario", "rows/target", "pgcarve rows/s", "native rows/s", "ratio"
     );
     rt.block_on(async {
+        // Warm both clusters (catalog caches, first WAL segments, the subscription launcher)
+        // so the first measured round does not pay for it.
+        for c in [Consumer::Pgcarve, Consumer::Native] {
+            bench.measure(Scenario::Bulk, c, 10_000).await;
+        }
         for scenario in scenarios {
             let n = scenario.rows(rows);
             let (mut carve, mut native) = (Vec::new(), Vec::new());

@@ -66,9 +66,9 @@ pub struct ApplyConfig {
     /// Changes per chunk sent to a target task (a big source transaction travels as several).
     #[serde(default = "default_chunk_changes")]
     pub chunk_changes: usize,
-    /// Chunks that may wait per target; with `chunk_changes` this bounds memory.
-    #[serde(default = "default_queue_chunks")]
-    pub queue_chunks: usize,
+    /// Row changes that may wait per target (bounds memory; backpressure beyond it).
+    #[serde(default = "default_queue_changes")]
+    pub queue_changes: usize,
     /// Most source transactions grouped into one target transaction.
     #[serde(default = "default_group_transactions")]
     pub group_transactions: usize,
@@ -84,7 +84,7 @@ impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
             chunk_changes: default_chunk_changes(),
-            queue_chunks: default_queue_chunks(),
+            queue_changes: default_queue_changes(),
             group_transactions: default_group_transactions(),
             retry_initial_secs: default_retry_initial(),
             retry_max_secs: default_retry_max(),
@@ -115,8 +115,8 @@ fn default_name() -> String {
 fn default_chunk_changes() -> usize {
     2000
 }
-fn default_queue_chunks() -> usize {
-    16
+fn default_queue_changes() -> usize {
+    50_000
 }
 fn default_group_transactions() -> usize {
     500
@@ -322,9 +322,9 @@ impl Config {
             }
         }
         let a = &self.apply;
-        if a.chunk_changes == 0 || a.queue_chunks == 0 || a.group_transactions == 0 {
+        if a.chunk_changes == 0 || a.queue_changes == 0 || a.group_transactions == 0 {
             problems.push(
-                "apply.chunk_changes, apply.queue_chunks and apply.group_transactions must be at least 1"
+                "apply.chunk_changes, apply.queue_changes and apply.group_transactions must be at least 1"
                     .into(),
             );
         }

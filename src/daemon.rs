@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -289,7 +289,7 @@ async fn run_inner(
     let mut links = Vec::new();
     let mut tasks = Vec::new();
     for (name, worker, _, status_rx) in prepared {
-        let (tx, rx) = mpsc::channel(settings.apply.queue_chunks);
+        let (tx, rx) = crate::queue::channel(settings.apply.queue_changes);
         let committed = worker.committed();
         tracing::info!(target_name = %name, committed = %committed, "target ready");
         tasks.push(tokio::spawn(worker.run(rx)));

@@ -20,6 +20,7 @@ pub mod http;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
+pub mod queue;
 pub mod route;
 pub mod secret;
 pub mod source;

@@ -35,7 +35,7 @@ use std::task::Poll;
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use postgres_types::{Format, IsNull, ToSql, Type};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 
 use crate::change::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
@@ -456,7 +456,7 @@ impl Worker {
     }
 
     /// Runs until the channel closes (the reader is gone).
-    pub async fn run(mut self, mut rx: mpsc::Receiver<ApplyMsg>) {
+    pub async fn run(mut self, mut rx: crate::queue::QueueRx) {
         self.publish(TargetState::Streaming);
         let mut carry: Option<ApplyMsg> = None;
         loop {
@@ -492,7 +492,7 @@ impl Worker {
                     }
                     if commit.is_some() {
                         if self.group_txns < self.cfg.group_transactions as u64 {
-                            if let Ok(next) = rx.try_recv() {
+                            if let Some(next) = rx.try_recv() {
                                 carry = Some(next);
                                 continue;
                             }
@@ -981,7 +981,7 @@ impl Worker {
 
     /// The failed state: roll back, report, discard changes, and wait for the backoff and a
     /// barrier before applying again.
-    async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut mpsc::Receiver<ApplyMsg>) {
+    async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut crate::queue::QueueRx) {
         self.rollback().await;
         self.precise = true;
         let mut err = err;

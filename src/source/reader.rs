@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::TargetStatus;
@@ -63,7 +63,7 @@ pub struct TargetLink {
     /// Target name.
     pub name: String,
     /// Channel to the apply task.
-    pub tx: mpsc::Sender<ApplyMsg>,
+    pub tx: crate::queue::QueueTx,
     /// The apply task's published status.
     pub status: watch::Receiver<TargetStatus>,
     dispatched: Lsn,
@@ -76,7 +76,7 @@ impl TargetLink {
     /// Links a target whose progress is `committed`.
     pub fn new(
         name: String,
-        tx: mpsc::Sender<ApplyMsg>,
+        tx: crate::queue::QueueTx,
         status: watch::Receiver<TargetStatus>,
         committed: Lsn,
     ) -> TargetLink {
@@ -597,13 +597,14 @@ impl Reader {
         msg: ApplyMsg,
     ) -> Result<(), ReaderError> {
         let tx = self.links[i].tx.clone();
+        let weight = tx.weight(&msg);
         let mut msg = Some(msg);
         loop {
             tokio::select! {
-                permit = tx.reserve() => {
-                    let permit = permit.map_err(|_| ReaderError::TargetGone(self.links[i].name.clone()))?;
+                room = tx.room(weight) => {
                     if let Some(m) = msg.take() {
-                        permit.send(m);
+                        tx.push(m, room)
+                            .map_err(|_| ReaderError::TargetGone(self.links[i].name.clone()))?;
                     }
                     return Ok(());
                 }
