@@ -70,6 +70,23 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
         ids.is_empty() || ids == vec![1, 2],
         "target must hold a prefix of history, got {ids:?}"
     );
+    // Retries go one source transaction at a time, so the good one before the bad one lands.
+    wait_until(
+        "the good prefix committed",
+        Duration::from_secs(30),
+        || async {
+            let ids: Vec<i64> = strict
+                .query("SELECT id FROM patients ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(ids.is_empty() || ids == vec![1, 2], "not a prefix: {ids:?}");
+            ids == vec![1, 2]
+        },
+    )
+    .await;
     let (code, body) = daemon.obs.health.report();
     assert_eq!(
         code, 200,

@@ -223,9 +223,12 @@ pub struct Worker {
     failures: u32,
     /// Inserts waiting to be sent as one run (COPY when long enough).
     pending: Option<InsertRun>,
-    /// Since the last failure: runs end with their source transaction, so a failure is named
-    /// with its exact LSN.
-    precise: bool,
+    /// After a failure, until the transactions of the failed group are committed: one source
+    /// transaction per target transaction, and runs end with their transaction, so the good
+    /// transactions before the bad one commit, and the bad one is named with its exact LSN.
+    precise_until: Lsn,
+    /// Commit LSN of the last source transaction started in the open group.
+    group_last: Lsn,
 }
 
 /// Renders a tokio-postgres error without DETAIL or the server message.
@@ -427,7 +430,8 @@ impl Worker {
             group_rows: HashMap::new(),
             failures: 0,
             pending: None,
-            precise: false,
+            precise_until: Lsn::ZERO,
+            group_last: Lsn::ZERO,
         };
         worker
             .metrics
@@ -435,6 +439,11 @@ impl Worker {
             .with_label_values(&[&worker.name])
             .set(worker.committed.0 as i64);
         Ok((worker, committed))
+    }
+
+    /// Still retrying the transactions of a failed group one by one.
+    fn precise(&self) -> bool {
+        self.committed <= self.precise_until && self.precise_until > Lsn::ZERO
     }
 
     /// The durably committed LSN.
@@ -491,7 +500,7 @@ impl Worker {
                         continue;
                     }
                     if commit.is_some() {
-                        if self.group_txns < self.cfg.group_transactions as u64 {
+                        if self.group_txns < self.cfg.group_transactions as u64 && !self.precise() {
                             if let Some(next) = rx.try_recv() {
                                 carry = Some(next);
                                 continue;
@@ -556,6 +565,7 @@ impl Worker {
         }
         self.group_complete = false;
         let lsn = xact.final_lsn;
+        self.group_last = lsn;
         for c in changes {
             match c {
                 Change::Truncate {
@@ -607,7 +617,7 @@ impl Worker {
         }
         // After a failure, retry one source transaction per run, so a failing run names the
         // exact transaction.
-        if self.precise {
+        if self.precise() {
             self.flush_inserts().await?;
         }
         if let Some(c) = commit {
@@ -957,7 +967,6 @@ impl Worker {
         c.map_err(|e| ApplyError::from_pg(&e, &progress_table, "commit"))?;
         self.in_txn = false;
         self.failures = 0;
-        self.precise = false;
         self.committed = self.group_end;
         let txns = self.group_txns;
         self.group_txns = 0;
@@ -983,7 +992,10 @@ impl Worker {
     /// barrier before applying again.
     async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut crate::queue::QueueRx) {
         self.rollback().await;
-        self.precise = true;
+        self.precise_until = self
+            .precise_until
+            .max(self.group_last)
+            .max(lsn.unwrap_or(Lsn::ZERO));
         let mut err = err;
         loop {
             // Counted across retries until a group commits, so the backoff grows while the
