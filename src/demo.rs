@@ -566,7 +566,7 @@ async fn with_daemon(
         .map(|t| t.target)
         .collect();
     println!(
-        "total {:.1}s; applied {} rows in {} target transactions",
+        "total {:.1}s; applied {} rows from {} source transactions (counted once per target)",
         t0.elapsed().as_secs_f64(),
         rows_by_target(obs).values().sum::<u64>(),
         obs.metrics

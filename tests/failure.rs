@@ -226,3 +226,52 @@ async fn table_without_key_or_identity_is_refused_with_the_fix() {
     );
     assert!(err.contains("public.ghost does not exist"), "{err}");
 }
+
+#[tokio::test]
+async fn a_target_whose_progress_goes_back_stalls_instead_of_skipping() {
+    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+    // The target as if restored from an older backup: its rows and its progress go back, and
+    // pgcarve's connection is cut.
+    let dst = env.target("t").await;
+    dst.batch_execute(
+        "DELETE FROM patients;
+         UPDATE pgcarve.progress SET lsn = '0/1';
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'pgcarve' AND datname = current_database();",
+    )
+    .await
+    .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (2, 'b')")
+        .await
+        .unwrap();
+    wait_until("the rewind reported", Duration::from_secs(30), || async {
+        metric(
+            &daemon,
+            "migration_errors_total",
+            &[("target", "t"), ("sqlstate_class", "divergence")],
+        ) > 0.0
+    })
+    .await;
+    let (_, body) = daemon.obs.health.report();
+    assert_eq!(body["status"], "degraded", "{body}");
+    let error = body["targets"]["t"]["failure"]["error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(error.contains("went back"), "{error}");
+    // Nothing was applied past the hole.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n: i64 = dst
+        .query_one("SELECT count(*) FROM patients", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "a target that lost history must not be written to");
+    daemon.stop().await;
+}

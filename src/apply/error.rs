@@ -48,6 +48,16 @@ pub enum ApplyError {
     /// A Relation for a table this target has no catalog entry for.
     #[error("table {0} is not known on this target")]
     UnknownTable(TableName),
+    /// The target's progress row is behind what this task saw it commit: the target lost
+    /// committed transactions (restored from a backup, failed over to a lagging standby, or
+    /// the row was edited). Continuing could skip changes the slot no longer holds.
+    #[error("pgcarve.progress on this target went back from {from} to {to}: the target lost committed transactions (backup restore, failover to a lagging standby?); it stays stalled: resynchronise it")]
+    ProgressRewound {
+        /// What this task had committed.
+        from: crate::lsn::Lsn,
+        /// What the target now says.
+        to: crate::lsn::Lsn,
+    },
 }
 
 impl ApplyError {
@@ -74,7 +84,9 @@ impl ApplyError {
     pub fn class(&self) -> String {
         match self {
             ApplyError::Rejected { sqlstate, .. } => sqlstate.chars().take(2).collect(),
-            ApplyError::Divergence { .. } => "divergence".into(),
+            ApplyError::Divergence { .. } | ApplyError::ProgressRewound { .. } => {
+                "divergence".into()
+            }
             ApplyError::Plan(_) | ApplyError::UnknownTable(_) => "schema".into(),
             ApplyError::Connection(_) => "connection".into(),
             ApplyError::Binary { .. } => "protocol".into(),

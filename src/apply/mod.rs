@@ -1086,8 +1086,17 @@ impl Worker {
         }
         let reloaded = progress::load(&self.client, &self.key)
             .await
-            .map_err(conn_err)?;
-        self.committed = self.committed.max(reloaded.unwrap_or(Lsn::ZERO));
+            .map_err(conn_err)?
+            .unwrap_or(Lsn::ZERO);
+        // Ahead: a COMMIT whose answer was lost did succeed. Behind: the target lost what it
+        // had durably committed; never skip past that silently.
+        if reloaded < self.committed {
+            return Err(ApplyError::ProgressRewound {
+                from: self.committed,
+                to: reloaded,
+            });
+        }
+        self.committed = reloaded;
         Ok(())
     }
 }
