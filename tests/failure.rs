@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{start_daemon, wait_until, Env};
+use crate::common::{wait_until, Env};
 
 const SCHEMA: &str = "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL);";
 
@@ -32,8 +32,7 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
         .batch_execute("ALTER TABLE patients ADD CONSTRAINT small_ids CHECK (id < 100)")
         .await
         .unwrap();
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'a'), (2, 'b')")
         .await
@@ -128,8 +127,7 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
 #[tokio::test]
 async fn lost_source_and_target_connections_reconnect_and_resume() {
     let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
         .await
@@ -172,8 +170,7 @@ async fn lost_source_and_target_connections_reconnect_and_resume() {
 #[tokio::test]
 async fn missing_slot_with_progress_refuses_to_start() {
     let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     env.source()
         .await
         .batch_execute("INSERT INTO patients VALUES (1, 'a')")
@@ -230,8 +227,7 @@ async fn table_without_key_or_identity_is_refused_with_the_fix() {
 #[tokio::test]
 async fn a_target_whose_progress_goes_back_stalls_instead_of_skipping() {
     let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
         .await

@@ -1,6 +1,6 @@
 //! End-to-end streaming through the daemon, in-process, against the shared clusters.
 
-use crate::common::{start_daemon, Env};
+use crate::common::Env;
 
 const SCHEMA: &str = "
 CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL, born date, note text);
@@ -19,8 +19,7 @@ async fn streams_inserts_updates_deletes_to_owning_targets() {
         ],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO patients VALUES (1, 'A', '1980-01-02', 'n1'), (2, 'B', NULL, NULL);

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::common::{start_daemon, Env};
+use crate::common::Env;
 
 const VALUES_SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'très "content", n''est-ce pas?');
@@ -47,8 +47,7 @@ async fn values_round_trip_exactly() {
         .batch_execute(&zone.replace("{}", &env.targets[0].1))
         .await
         .unwrap();
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         r#"
@@ -146,8 +145,7 @@ async fn unchanged_toast_columns_are_left_as_they_are() {
         &[("svc", &["docs", "docs_full"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO docs VALUES
@@ -219,8 +217,7 @@ async fn primary_key_update_moves_the_row() {
         &[("svc", &["single", "composite"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO single SELECT g, 'v' || g FROM generate_series(1, 10) g;
@@ -263,8 +260,7 @@ async fn truncate_reaches_every_owning_target() {
         &[("a", &["shared", "only_a", "numbered"]), ("b", &["shared"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO shared SELECT g, 'old' FROM generate_series(1, 20) g;
@@ -329,8 +325,7 @@ async fn replica_identity_full_keeps_duplicates() {
         &[("svc", &["events"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         r#"INSERT INTO events VALUES
@@ -387,8 +382,7 @@ async fn a_concurrent_reader_never_sees_half_a_transaction() {
         &[("svc", &["accounts", "bulk"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO accounts SELECT g, 100 FROM generate_series(1, 10) g")
         .await
@@ -491,8 +485,7 @@ async fn generated_always_identity_values_are_copied() {
         &[("svc", &["tickets", "counters", "full_ids"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO tickets (v) VALUES ('a'), ('b');
@@ -549,8 +542,7 @@ async fn swapping_deferrable_keys_moves_both_rows() {
         &[("svc", &["slots"])],
     )
     .await;
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO slots SELECT g, 'v' || g FROM generate_series(1, 5) g;")
         .await
@@ -587,8 +579,7 @@ async fn tables_with_statement_triggers_or_rules_get_inserts_not_copy() {
         )
         .await
         .unwrap();
-    let daemon = start_daemon(&env.config());
-    env.wait_slot().await;
+    let daemon = env.start().await;
     env.source()
         .await
         .batch_execute("INSERT INTO notes SELECT g, 'n' || g FROM generate_series(1, 20) g")

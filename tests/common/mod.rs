@@ -190,6 +190,13 @@ impl Env {
         }
     }
 
+    /// Starts the daemon on this environment's config and waits until its slot exists.
+    pub async fn start(&self) -> Daemon {
+        let daemon = start_daemon(&self.config());
+        self.wait_slot().await;
+        daemon
+    }
+
     /// The daemon config for this environment.
     pub fn config(&self) -> String {
         let c = clusters();
