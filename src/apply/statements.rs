@@ -397,6 +397,39 @@ mod tests {
     use super::*;
     use crate::source::pgoutput::Column;
 
+    /// COPY text format's reading of a field, as the server does it for our escapes.
+    fn copy_unescape(field: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < field.len() {
+            if field[i] == b'\\' && i + 1 < field.len() {
+                out.push(match field[i + 1] {
+                    b't' => b'\t',
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    other => other,
+                });
+                i += 2;
+            } else {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn copy_escape_round_trips_and_never_leaks_a_delimiter(value in r"(?s).*|[\\\t\n\rN.a]*") {
+            let mut out = BytesMut::new();
+            copy_escape(&mut out, value.as_bytes());
+            proptest::prop_assert!(!out.iter().any(|b| matches!(b, b'\t' | b'\n' | b'\r')));
+            proptest::prop_assert_eq!(copy_unescape(&out), value.as_bytes());
+            // Never read as NULL (`\N`) or as the end-of-data marker (`\.`).
+            proptest::prop_assert!(&out[..] != b"\\N" && &out[..] != b"\\.");
+        }
+    }
+
     #[test]
     fn copy_escape_escapes_only_the_copy_delimiters() {
         let mut out = BytesMut::new();
