@@ -368,6 +368,34 @@ impl Cluster {
         Err(last_err.unwrap_or_else(|| io::Error::other("cluster did not start")))
     }
 
+    /// Stops the server the way a crash would (immediate shutdown: no checkpoint, crash
+    /// recovery on the next start) and starts it again on the same data and port.
+    pub fn crash_and_restart(&mut self) -> io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SIGQUIT is PostgreSQL's "immediate" shutdown.
+            // SAFETY: kill on a pid we own.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGQUIT);
+            }
+            child.wait()?;
+        }
+        let id = server_identity()?;
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("server.log"))?;
+        let child = command(&self.bindir.join("postgres"), id, true)
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
     fn take_dir(mut self) -> tempfile::TempDir {
         self.stop();
         let placeholder = tempfile::tempdir().expect("tempdir");

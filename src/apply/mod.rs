@@ -23,7 +23,7 @@ pub mod error;
 pub mod progress;
 pub mod statements;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ use crate::tls::TlsConnector;
 pub use error::ApplyError;
 use progress::ProgressKey;
 use statements::{Plan, Source, TargetColumn, TargetTable};
+
+/// How often an idle target's WAL flush position is read while commits await durability.
+const FLUSH_POLL: Duration = Duration::from_millis(100);
 
 /// Statements kept in flight on a target connection at once.
 const PIPELINE_DEPTH: usize = 256;
@@ -221,6 +224,13 @@ pub struct Worker {
     group_rows: HashMap<(u32, &'static str), (Arc<RelationInfo>, u64)>,
     /// Failed attempts since the last successful commit.
     failures: u32,
+    /// Progress known to be on the target's disk: what is published to the reader (and so
+    /// what the slot may be confirmed up to). Commits are asynchronous, so `committed` runs
+    /// ahead of it until the target's WAL flush passes their commit records.
+    durable: Lsn,
+    /// Committed groups not yet known durable: (progress LSN, target WAL position after the
+    /// COMMIT), oldest first.
+    undurable: VecDeque<(Lsn, Lsn)>,
     /// Inserts waiting to be sent as one run (COPY when long enough).
     pending: Option<InsertRun>,
     /// After a failure, until the transactions of the failed group are committed: one source
@@ -261,7 +271,9 @@ async fn connect(conn: &ConnInfo, tls: &TlsConnector) -> Result<Client, tokio_po
     });
     client
         .batch_execute(
-            "SET synchronous_commit = on; SET extra_float_digits = 3; \
+            // Commits need not wait for the disk: the slot is confirmed only up to what the
+            // target has flushed (see `Worker::durable`).
+            "SET synchronous_commit = off; SET extra_float_digits = 3; \
              SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'",
         )
         .await?;
@@ -408,6 +420,13 @@ impl Worker {
         let upsert = progress::prepare_upsert(&client)
             .await
             .map_err(|e| transient("prepare progress upsert", &e))?;
+        // What an earlier run committed may not be on disk yet: flush it before counting it
+        // as durable.
+        if let Some(lsn) = committed {
+            force_durable(&client, &upsert, &key, lsn)
+                .await
+                .map_err(|e| transient("flush pgcarve.progress", &e))?;
+        }
         let worker = Worker {
             name: target.name.clone(),
             conn: target.conn.clone(),
@@ -419,6 +438,8 @@ impl Worker {
             upsert,
             key,
             committed: committed.unwrap_or(Lsn::ZERO),
+            durable: committed.unwrap_or(Lsn::ZERO),
+            undurable: VecDeque::new(),
             cfg,
             metrics,
             status,
@@ -458,7 +479,7 @@ impl Worker {
             .with_label_values(&[&self.name])
             .set(up);
         self.status.send_replace(TargetStatus {
-            committed: self.committed,
+            committed: self.durable,
             state,
         });
         self.wake.notify_one();
@@ -471,17 +492,36 @@ impl Worker {
         loop {
             let msg = match carry.take() {
                 Some(m) => m,
-                None => match rx.recv().await {
+                None if self.undurable.is_empty() => match rx.recv().await {
                     Some(m) => m,
                     None => break,
+                },
+                // Idle with commits not yet known durable: watch the target's WAL flush.
+                None => tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(FLUSH_POLL) => {
+                        if let Err(e) = self.poll_flush().await {
+                            self.fail(e, None, &mut rx).await;
+                        }
+                        continue;
+                    }
                 },
             };
             match msg {
                 ApplyMsg::Barrier(reply) => {
-                    if let Err(f) = self.finish_group().await {
+                    // The reader restarts from what is durable: make everything durable first,
+                    // so it need not send again what this target already has.
+                    let done = match self.finish_group().await {
+                        Ok(()) => self.make_durable().await.map_err(Failed::from),
+                        Err(f) => Err(f),
+                    };
+                    if let Err(f) = done {
                         self.fail(f.err, f.lsn, &mut rx).await;
                     }
-                    let _ = reply.send(self.committed);
+                    let _ = reply.send(self.durable);
                 }
                 ApplyMsg::Chunk {
                     xact,
@@ -499,7 +539,9 @@ impl Worker {
                             .await;
                         continue;
                     }
-                    if commit.is_some() {
+                    // (A transaction skipped as already applied opens no target transaction:
+                    // nothing to commit.)
+                    if commit.is_some() && self.in_txn {
                         if self.group_txns < self.cfg.group_transactions as u64 && !self.precise() {
                             if let Some(next) = rx.try_recv() {
                                 carry = Some(next);
@@ -517,6 +559,51 @@ impl Worker {
         if self.in_txn {
             let _ = self.client.batch_execute("ROLLBACK").await;
         }
+        // Leave nothing undurable behind (the next start would otherwise redo it).
+        let _ = self.make_durable().await;
+    }
+
+    /// Reads the target's WAL flush position and advances `durable` over the groups it covers.
+    async fn poll_flush(&mut self) -> Result<(), ApplyError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
+        let flush = parse_lsn(row.get(0))?;
+        self.advance_durable(flush);
+        Ok(())
+    }
+
+    fn advance_durable(&mut self, flush: Lsn) {
+        if let Some(lsn) = flushed_prefix(&mut self.undurable, flush) {
+            self.advance_to(lsn);
+        }
+    }
+
+    /// Makes everything committed durable now: a synchronous commit flushes the target's WAL
+    /// up to it, and so every asynchronous commit before it.
+    async fn make_durable(&mut self) -> Result<(), ApplyError> {
+        if self.durable >= self.committed || self.in_txn {
+            return Ok(());
+        }
+        force_durable(&self.client, &self.upsert, &self.key, self.committed)
+            .await
+            .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
+        self.undurable.clear();
+        self.advance_to(self.committed);
+        Ok(())
+    }
+
+    /// Publishes `lsn` as durable, in whatever state the task is.
+    fn advance_to(&mut self, lsn: Lsn) {
+        self.durable = self.durable.max(lsn);
+        self.metrics
+            .target_committed_lsn
+            .with_label_values(&[&self.name])
+            .set(self.durable.0 as i64);
+        let state = self.status.borrow().state.clone();
+        self.publish(state);
     }
 
     /// Commits the open group if it ends with a whole source transaction, else rolls it back.
@@ -958,7 +1045,12 @@ impl Worker {
             [&self.key.system_id, &self.key.slot, &self.key.target, &lsn];
         let progress = self.client.execute(&self.upsert, &params);
         let commit = self.client.batch_execute("COMMIT");
-        let (p, c) = futures::join!(progress, commit);
+        // Sent after COMMIT: the insert position is past its commit record.
+        let position = self.client.query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+            &[],
+        );
+        let (p, c, pos) = futures::join!(progress, commit, position);
         let progress_table = TableName {
             schema: "pgcarve".into(),
             name: "progress".into(),
@@ -968,6 +1060,11 @@ impl Worker {
         self.in_txn = false;
         self.failures = 0;
         self.committed = self.group_end;
+        // The commit succeeded; if the position query failed, the connection is gone and the
+        // reconnect reloads progress.
+        let pos = pos.map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
+        let (insert, flush) = (parse_lsn(pos.get(0))?, parse_lsn(pos.get(1))?);
+        self.undurable.push_back((self.group_end, insert));
         let txns = self.group_txns;
         self.group_txns = 0;
         for ((_, op), (rel, n)) in self.group_rows.drain() {
@@ -980,11 +1077,8 @@ impl Worker {
             .transactions_applied
             .with_label_values(&[&self.name])
             .inc_by(txns);
-        self.metrics
-            .target_committed_lsn
-            .with_label_values(&[&self.name])
-            .set(self.committed.0 as i64);
         self.publish(TargetState::Streaming);
+        self.advance_durable(flush);
         Ok(())
     }
 
@@ -1044,11 +1138,11 @@ impl Worker {
                         Some(ApplyMsg::Chunk { .. }) => {}
                         Some(ApplyMsg::Barrier(reply)) => {
                             if !ready {
-                                let _ = reply.send(self.committed);
+                                let _ = reply.send(self.durable);
                                 continue;
                             }
                             let r = self.reconnect_if_needed().await;
-                            let _ = reply.send(self.committed);
+                            let _ = reply.send(self.durable);
                             break r;
                         }
                     },
@@ -1088,14 +1182,26 @@ impl Worker {
             .await
             .map_err(conn_err)?
             .unwrap_or(Lsn::ZERO);
-        // Ahead: a COMMIT whose answer was lost did succeed. Behind: the target lost what it
-        // had durably committed; never skip past that silently.
-        if reloaded < self.committed {
+        // Ahead: a COMMIT whose answer was lost did succeed. Behind what was durable: the
+        // target lost what it had on disk; never skip past that silently. Between the two: a
+        // target crash took asynchronous commits that were not flushed yet, which the slot
+        // still holds: apply them again.
+        if reloaded < self.durable {
             return Err(ApplyError::ProgressRewound {
-                from: self.committed,
+                from: self.durable,
                 to: reloaded,
             });
         }
+        if reloaded < self.committed {
+            tracing::warn!(
+                target_name = %self.name,
+                committed = %self.committed,
+                durable = %self.durable,
+                reloaded = %reloaded,
+                "the target lost asynchronous commits (a crash before its WAL flush); the slot still holds them: applying them again"
+            );
+        }
+        self.undurable.retain(|(lsn, _)| *lsn <= reloaded);
         self.committed = reloaded;
         Ok(())
     }
@@ -1140,6 +1246,43 @@ fn encode_copy_row(buf: &mut BytesMut, row: &Tuple, rel: &RelationInfo) -> Resul
     }
     buf.put_u8(b'\n');
     Ok(())
+}
+
+/// Pops the groups whose commit lies at or before `flush` and returns the newest one's LSN.
+fn flushed_prefix(undurable: &mut VecDeque<(Lsn, Lsn)>, flush: Lsn) -> Option<Lsn> {
+    let mut newest = None;
+    while let Some(&(lsn, at)) = undurable.front() {
+        if at > flush {
+            break;
+        }
+        newest = Some(lsn);
+        undurable.pop_front();
+    }
+    newest
+}
+
+fn parse_lsn(text: &str) -> Result<Lsn, ApplyError> {
+    text.parse()
+        .map_err(|_| ApplyError::Connection(format!("target sent an unreadable LSN {text:?}")))
+}
+
+/// A synchronous commit of the progress row: flushes the target's WAL up to it.
+async fn force_durable(
+    client: &Client,
+    upsert: &Statement,
+    key: &ProgressKey,
+    lsn: Lsn,
+) -> Result<(), tokio_postgres::Error> {
+    let lsn = lsn.to_string();
+    client
+        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+        .await?;
+    let params: [&(dyn ToSql + Sync); 4] = [&key.system_id, &key.slot, &key.target, &lsn];
+    if let Err(e) = client.execute(upsert, &params).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
+    client.batch_execute("COMMIT").await
 }
 
 /// Executes one bound row statement and checks that it touched exactly one row.
@@ -1241,6 +1384,24 @@ mod tests {
         assert!((1.0..=1.2).contains(&d(1)));
         assert!((2.0..=2.4).contains(&d(2)));
         assert!((8.0..=9.6).contains(&d(10)));
+    }
+
+    #[test]
+    fn durable_follows_the_flush_over_whole_groups_only() {
+        let mut q: VecDeque<(Lsn, Lsn)> = [
+            (Lsn(100), Lsn(1000)),
+            (Lsn(200), Lsn(2000)),
+            (Lsn(300), Lsn(3000)),
+        ]
+        .into();
+        assert_eq!(flushed_prefix(&mut q, Lsn(999)), None);
+        assert_eq!(q.len(), 3);
+        // A flush exactly at a group's position covers it; one short of the next does not.
+        assert_eq!(flushed_prefix(&mut q, Lsn(2999)), Some(Lsn(200)));
+        assert_eq!(q.len(), 1);
+        assert_eq!(flushed_prefix(&mut q, Lsn(5000)), Some(Lsn(300)));
+        assert!(q.is_empty());
+        assert_eq!(flushed_prefix(&mut q, Lsn(9000)), None);
     }
 
     #[test]
