@@ -111,6 +111,20 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
     })
     .await;
 
+    // A barrier while this target is stalled (here: the source connection drops) must not
+    // let the slot move past what the stalled target still needs.
+    src.batch_execute(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = '{}' AND active_pid IS NOT NULL",
+        env.slot
+    ))
+    .await
+    .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
+        .await
+        .unwrap();
+    env.wait_equal("other", "patients").await;
+
     // The operator fixes the cause; the row and everything after it arrive.
     strict
         .batch_execute("ALTER TABLE patients DROP CONSTRAINT small_ids")

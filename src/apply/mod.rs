@@ -53,6 +53,9 @@ use statements::{Plan, Source, TargetColumn, TargetTable};
 /// How often an idle target's WAL flush position is read while commits await durability.
 const FLUSH_POLL: Duration = Duration::from_millis(100);
 
+/// Idle polls after which the remaining commits are made durable with a synchronous commit.
+const IDLE_POLLS_BEFORE_FORCE: u32 = 10;
+
 /// Statements kept in flight on a target connection at once.
 const PIPELINE_DEPTH: usize = 256;
 
@@ -277,6 +280,15 @@ async fn connect(conn: &ConnInfo, tls: &TlsConnector) -> Result<Client, tokio_po
              SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'",
         )
         .await?;
+    // With synchronous standbys a failover keeps only what they confirmed: commits must wait
+    // for them as the server is configured to, or "flushed" would not survive a failover.
+    let standbys: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await?
+        .get(0);
+    if !standbys.trim().is_empty() {
+        client.batch_execute("RESET synchronous_commit").await?;
+    }
     Ok(client)
 }
 
@@ -378,6 +390,24 @@ impl Worker {
         let client = connect(&target.conn, &tls)
             .await
             .map_err(|e| transient("connect", &e))?;
+        // Durability is read from the target's WAL positions.
+        if let Err(e) = client
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                &[],
+            )
+            .await
+        {
+            if e.as_db_error().is_some() {
+                return Err(StartError::Fatal(vec![format!(
+                    "target {} ({}): cannot read its WAL position ({}): pgcarve needs pg_current_wal_insert_lsn() and pg_current_wal_flush_lsn() on a primary to know what the target has flushed",
+                    target.name,
+                    target.conn.display_target(),
+                    safe_pg_error(&e)
+                )]));
+            }
+            return Err(transient("read WAL position", &e));
+        }
         let mut problems = Vec::new();
         let mut tables = HashMap::new();
         for table in &target.tables {
@@ -489,6 +519,7 @@ impl Worker {
     pub async fn run(mut self, mut rx: crate::queue::QueueRx) {
         self.publish(TargetState::Streaming);
         let mut carry: Option<ApplyMsg> = None;
+        let mut idle_polls = 0u32;
         loop {
             let msg = match carry.take() {
                 Some(m) => m,
@@ -503,7 +534,16 @@ impl Worker {
                         None => break,
                     },
                     _ = tokio::time::sleep(FLUSH_POLL) => {
-                        if let Err(e) = self.poll_flush().await {
+                        idle_polls += 1;
+                        // The WAL flush may stop short of a group's position (a page
+                        // boundary) while nothing else is written: then force it.
+                        let r = if idle_polls >= IDLE_POLLS_BEFORE_FORCE {
+                            idle_polls = 0;
+                            self.make_durable().await
+                        } else {
+                            self.poll_flush().await
+                        };
+                        if let Err(e) = r {
                             self.fail(e, None, &mut rx).await;
                         }
                         continue;
@@ -518,10 +558,12 @@ impl Worker {
                         Ok(()) => self.make_durable().await.map_err(Failed::from),
                         Err(f) => Err(f),
                     };
+                    // Answer first: the reader waits for every target's answer, and fail()
+                    // waits for the reader's next barrier.
+                    let _ = reply.send(self.durable);
                     if let Err(f) = done {
                         self.fail(f.err, f.lsn, &mut rx).await;
                     }
-                    let _ = reply.send(self.durable);
                 }
                 ApplyMsg::Chunk {
                     xact,
@@ -1171,17 +1213,24 @@ impl Worker {
     /// row (a lost COMMIT answer may hide a successful commit).
     async fn reconnect_if_needed(&mut self) -> Result<(), ApplyError> {
         let conn_err = |e: tokio_postgres::Error| ApplyError::Connection(safe_pg_error(&e));
-        if self.client.is_closed() {
-            self.client = Arc::new(connect(&self.conn, &self.tls).await.map_err(conn_err)?);
-            self.stmts.clear();
-            self.upsert = progress::prepare_upsert(&self.client)
-                .await
-                .map_err(conn_err)?;
-        }
-        let reloaded = progress::load(&self.client, &self.key)
+        // A new connection replaces the old one only once the progress row is read from it,
+        // so `committed` never outlives a failed reload.
+        let (client, upsert) = if self.client.is_closed() {
+            let client = Arc::new(connect(&self.conn, &self.tls).await.map_err(conn_err)?);
+            let upsert = progress::prepare_upsert(&client).await.map_err(conn_err)?;
+            (client, Some(upsert))
+        } else {
+            (self.client.clone(), None)
+        };
+        let reloaded = progress::load(&client, &self.key)
             .await
             .map_err(conn_err)?
             .unwrap_or(Lsn::ZERO);
+        if let Some(upsert) = upsert {
+            self.client = client;
+            self.upsert = upsert;
+            self.stmts.clear();
+        }
         // Ahead: a COMMIT whose answer was lost did succeed. Behind what was durable: the
         // target lost what it had on disk; never skip past that silently. Between the two: a
         // target crash took asynchronous commits that were not flushed yet, which the slot
@@ -1203,7 +1252,9 @@ impl Worker {
         }
         self.undurable.retain(|(lsn, _)| *lsn <= reloaded);
         self.committed = reloaded;
-        Ok(())
+        // What the target has now is read from it: make it durable, so the slot can move even
+        // if no group commits soon (the groups' positions may not cover it).
+        self.make_durable().await
     }
 }
 
@@ -1274,15 +1325,19 @@ async fn force_durable(
     lsn: Lsn,
 ) -> Result<(), tokio_postgres::Error> {
     let lsn = lsn.to_string();
-    client
-        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-        .await?;
     let params: [&(dyn ToSql + Sync); 4] = [&key.system_id, &key.slot, &key.target, &lsn];
-    if let Err(e) = client.execute(upsert, &params).await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(e);
+    let result = async {
+        client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .await?;
+        client.execute(upsert, &params).await?;
+        client.batch_execute("COMMIT").await
     }
-    client.batch_execute("COMMIT").await
+    .await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 /// Executes one bound row statement and checks that it touched exactly one row.

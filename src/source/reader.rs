@@ -201,9 +201,18 @@ impl Reader {
     fn positions(&self) -> Vec<TargetPosition> {
         self.links
             .iter()
-            .map(|l| TargetPosition {
-                dispatched: l.dispatched,
-                committed: l.status.borrow().committed,
+            .map(|l| {
+                let status = l.status.borrow();
+                TargetPosition {
+                    // A target that is not taking changes misses the transactions streamed
+                    // meanwhile: it stays pending at what it has, whatever was dispatched.
+                    dispatched: if status.accepts_changes() {
+                        l.dispatched
+                    } else {
+                        Lsn(u64::MAX)
+                    },
+                    committed: status.committed,
+                }
             })
             .collect()
     }
