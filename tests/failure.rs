@@ -377,3 +377,66 @@ async fn a_target_crash_loses_no_committed_change() {
     .await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
+    let env = Env::new(
+        SCHEMA,
+        &[("strict", &["patients"]), ("other", &["patients"])],
+    )
+    .await;
+    env.target("strict")
+        .await
+        .batch_execute("ALTER TABLE patients ADD CONSTRAINT small_ids CHECK (id < 100)")
+        .await
+        .unwrap();
+    // Slow retries: the stalled target stays failed (not ready) for the whole test.
+    let config = env
+        .config()
+        .replace("retry_initial_secs = 0.2", "retry_initial_secs = 60")
+        .replace("retry_max_secs = 1.0", "retry_max_secs = 60");
+    let daemon = crate::common::start_daemon(&config);
+    env.wait_slot().await;
+    let src = env.source().await;
+    let before_bad: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    src.batch_execute("INSERT INTO patients VALUES (150, 'rejected on strict')")
+        .await
+        .unwrap();
+    wait_until("strict stalled", Duration::from_secs(30), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "strict")]) > 0.0
+    })
+    .await;
+    // A barrier while it is stalled: the source connection drops and the stream restarts.
+    src.batch_execute(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = '{}' AND active_pid IS NOT NULL",
+        env.slot
+    ))
+    .await
+    .unwrap();
+    src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
+        .await
+        .unwrap();
+    env.wait_equal("other", "patients").await;
+    // Status updates go out at least every 10 s: after one, the slot must still hold the
+    // rejected transaction, which the stalled target has not applied.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let held: bool = src
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots
+              WHERE slot_name = $2",
+            &[&before_bad, &env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        held,
+        "the slot moved past the stalled target's rejected transaction"
+    );
+    daemon.stop().await;
+}
