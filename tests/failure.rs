@@ -398,11 +398,6 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
     let daemon = crate::common::start_daemon(&config);
     env.wait_slot().await;
     let src = env.source().await;
-    let before_bad: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
     src.batch_execute("INSERT INTO patients VALUES (150, 'rejected on strict')")
         .await
         .unwrap();
@@ -422,21 +417,18 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
         .await
         .unwrap();
     env.wait_equal("other", "patients").await;
-    // Status updates go out at least every 10 s: after one, the slot must still hold the
-    // rejected transaction, which the stalled target has not applied.
+    // Status updates go out at least every 10 s: let one go out, then stop. The slot must
+    // still hold the rejected transaction and everything after it for the stalled target:
+    // once its cause is fixed, a new run brings it level with the source.
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let held: bool = src
-        .query_one(
-            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots
-              WHERE slot_name = $2",
-            &[&before_bad, &env.slot],
-        )
+    daemon.stop().await;
+    env.target("strict")
         .await
-        .unwrap()
-        .get(0);
-    assert!(
-        held,
-        "the slot moved past the stalled target's rejected transaction"
-    );
+        .batch_execute("ALTER TABLE patients DROP CONSTRAINT small_ids")
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("strict", "patients").await;
+    env.wait_equal("other", "patients").await;
     daemon.stop().await;
 }
