@@ -20,8 +20,8 @@ fn metric(daemon: &crate::common::Daemon, name: &str, labels: &[(&str, &str)]) -
         .sum()
 }
 
-#[tokio::test]
-async fn rejected_row_stalls_only_its_target_until_fixed() {
+/// Two targets owning `patients`; "strict" rejects ids of 100 and more.
+async fn strict_and_other() -> Env {
     let env = Env::new(
         SCHEMA,
         &[("strict", &["patients"]), ("other", &["patients"])],
@@ -32,6 +32,22 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
         .batch_execute("ALTER TABLE patients ADD CONSTRAINT small_ids CHECK (id < 100)")
         .await
         .unwrap();
+    env
+}
+
+/// Ends the walsender serving `slot`, so the daemon reconnects (a barrier).
+async fn drop_source_connection(src: &tokio_postgres::Client, slot: &str) {
+    src.batch_execute(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn rejected_row_stalls_only_its_target_until_fixed() {
+    let env = strict_and_other().await;
     let daemon = env.start().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'a'), (2, 'b')")
@@ -113,13 +129,7 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
 
     // A barrier while this target is stalled (here: the source connection drops) must not
     // let the slot move past what the stalled target still needs.
-    src.batch_execute(&format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-          WHERE slot_name = '{}' AND active_pid IS NOT NULL",
-        env.slot
-    ))
-    .await
-    .unwrap();
+    drop_source_connection(&src, &env.slot).await;
     src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
         .await
         .unwrap();
@@ -380,16 +390,7 @@ async fn a_target_crash_loses_no_committed_change() {
 
 #[tokio::test]
 async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
-    let env = Env::new(
-        SCHEMA,
-        &[("strict", &["patients"]), ("other", &["patients"])],
-    )
-    .await;
-    env.target("strict")
-        .await
-        .batch_execute("ALTER TABLE patients ADD CONSTRAINT small_ids CHECK (id < 100)")
-        .await
-        .unwrap();
+    let env = strict_and_other().await;
     // Slow retries: the stalled target stays failed (not ready) for the whole test.
     let config = env
         .config()
@@ -406,13 +407,7 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
     })
     .await;
     // A barrier while it is stalled: the source connection drops and the stream restarts.
-    src.batch_execute(&format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-          WHERE slot_name = '{}' AND active_pid IS NOT NULL",
-        env.slot
-    ))
-    .await
-    .unwrap();
+    drop_source_connection(&src, &env.slot).await;
     src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
         .await
         .unwrap();
