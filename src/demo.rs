@@ -442,10 +442,7 @@ async fn with_daemon(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let active = care
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&SLOT],
-            )
+            .query_opt(crate::source::catalog::SLOT_STREAMING_SQL, &[&SLOT])
             .await?
             .is_some();
         if active {

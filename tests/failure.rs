@@ -336,15 +336,12 @@ async fn a_target_crash_loses_no_committed_change() {
         own.url(&dst_db)
     );
     let daemon = crate::common::start_daemon(&config);
-    // Rows written before the slot exists are not the daemon's to stream.
+    // Rows committed before the slot's consistent point are not the daemon's to stream.
     wait_until("the slot", Duration::from_secs(60), || async {
-        src.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .is_some()
+        src.query_opt(pgcarve::source::catalog::SLOT_STREAMING_SQL, &[&slot])
+            .await
+            .unwrap()
+            .is_some()
     })
     .await;
     let mut next = 1i64;

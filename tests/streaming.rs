@@ -60,3 +60,39 @@ async fn streams_inserts_updates_deletes_to_owning_targets() {
     assert_eq!(n, 0);
     daemon.stop().await;
 }
+
+/// A slot being created counts as active, but transactions committing before its consistent
+/// point are never decoded. Creation waits for every transaction running on the cluster, so a
+/// start-up while one is open must not be taken for streaming: the row written right after
+/// `start` returns must arrive. (Waiting for "active" alone lost such rows under parallel tests.)
+#[tokio::test]
+async fn start_waits_for_the_consistent_point_not_just_an_active_slot() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY);",
+        &[("svc", &["notes"])],
+    )
+    .await;
+    // A transaction with an xid, open on the source cluster while the slot is created.
+    let blocker = crate::common::connect(&crate::common::clusters().source.url("postgres")).await;
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        blocker.batch_execute("COMMIT").await.unwrap();
+    };
+    // Write as soon as `start` returns, while the blocker may still be open.
+    let start_and_write = async {
+        let daemon = env.start().await;
+        env.source()
+            .await
+            .batch_execute("INSERT INTO notes VALUES (1)")
+            .await
+            .unwrap();
+        daemon
+    };
+    let (daemon, ()) = tokio::join!(start_and_write, release);
+    env.wait_equal("svc", "notes").await;
+    daemon.stop().await;
+}

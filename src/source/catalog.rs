@@ -215,6 +215,13 @@ pub async fn ensure_publication(
     }
 }
 
+/// Selects a row while slot `$1` is streaming to a client: held by a walsender, and past its
+/// consistent point. A slot being created is also `active`, but until its consistent point is
+/// reached `confirmed_flush_lsn` is NULL, and transactions committing meanwhile are never
+/// decoded: whoever waits for "streaming" before writing (the demo, the tests) must wait for this.
+pub const SLOT_STREAMING_SQL: &str = "SELECT 1 FROM pg_replication_slots \
+     WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL";
+
 /// The slot's row in `pg_replication_slots`, if it exists.
 pub async fn slot_info(
     client: &Client,

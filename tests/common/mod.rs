@@ -131,6 +131,7 @@ impl Daemon {
 
 /// Starts the daemon in-process from a TOML config.
 pub fn start_daemon(toml: &str) -> Daemon {
+    init_logging();
     let settings = pgcarve::config::Config::from_toml(toml)
         .expect("parse config")
         .validate()
@@ -147,6 +148,16 @@ pub fn start_daemon(toml: &str) -> Daemon {
         handle,
         obs,
     }
+}
+
+/// Sends the daemon's log to the test's captured output (shown when a test fails), at the level
+/// `PGCARVE_TEST_LOG` names (default `info`).
+pub fn init_logging() {
+    let filter = std::env::var("PGCARVE_TEST_LOG").unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
 }
 
 /// A source database and target databases with the same schema, and a config routing tables.
@@ -190,7 +201,7 @@ impl Env {
         }
     }
 
-    /// Starts the daemon on this environment's config and waits until its slot exists.
+    /// Starts the daemon on this environment's config and waits until it streams from its slot.
     pub async fn start(&self) -> Daemon {
         let daemon = start_daemon(&self.config());
         self.wait_slot().await;
@@ -252,20 +263,18 @@ impl Env {
         }
     }
 
-    /// Waits until the slot exists (the daemon has started streaming set-up).
+    /// Waits until the daemon streams from its slot: changes committed from then on are its to
+    /// apply (while the slot is still being created they may not be).
     pub async fn wait_slot(&self) {
         let src = self.source().await;
         let slot = self.slot.clone();
-        wait_until("slot creation", Duration::from_secs(60), || {
+        wait_until("the slot streaming", Duration::from_secs(60), || {
             let (src, slot) = (&src, slot.clone());
             async move {
-                src.query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    &[&slot],
-                )
-                .await
-                .map(|r| r.is_some())
-                .unwrap_or(false)
+                src.query_opt(pgcarve::source::catalog::SLOT_STREAMING_SQL, &[&slot])
+                    .await
+                    .map(|r| r.is_some())
+                    .unwrap_or(false)
             }
         })
         .await;
