@@ -292,7 +292,7 @@ async fn run_inner(
         let (tx, rx) = crate::queue::channel(settings.apply.queue_changes);
         let committed = worker.committed();
         tracing::info!(target_name = %name, committed = %committed, "target ready");
-        tasks.push(tokio::spawn(worker.run(rx)));
+        tasks.push(worker.spawn(rx));
         links.push(TargetLink::new(name, tx, status_rx, committed));
     }
     let reader = Reader::new(

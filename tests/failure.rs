@@ -427,3 +427,47 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
     env.wait_equal("other", "patients").await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_retrying_target_still_holds_what_it_missed_while_stalled() {
+    let env = strict_and_other().await;
+    // Retries every few seconds: the stalled target comes back (a barrier), fails again, ...
+    let config = env
+        .config()
+        .replace("retry_initial_secs = 0.2", "retry_initial_secs = 3")
+        .replace("retry_max_secs = 1.0", "retry_max_secs = 3");
+    let daemon = crate::common::start_daemon(&config);
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (150, 'rejected on strict')")
+        .await
+        .unwrap();
+    wait_until("strict stalled", Duration::from_secs(30), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "strict")]) > 0.0
+    })
+    .await;
+    // Before its first retry: a barrier (the source connection drops), then a transaction
+    // streamed while the target does not take changes.
+    drop_source_connection(&src, &env.slot).await;
+    src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
+        .await
+        .unwrap();
+    env.wait_equal("other", "patients").await;
+    // Two retries, each a barrier at which the target is taking changes again; after each,
+    // status updates go out.
+    wait_until("two retries", Duration::from_secs(60), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "strict")]) >= 3.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon.stop().await;
+    env.target("strict")
+        .await
+        .batch_execute("ALTER TABLE patients DROP CONSTRAINT small_ids")
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("strict", "patients").await;
+    env.wait_equal("other", "patients").await;
+    daemon.stop().await;
+}

@@ -515,9 +515,15 @@ impl Worker {
         self.wake.notify_one();
     }
 
-    /// Runs until the channel closes (the reader is gone).
-    pub async fn run(mut self, mut rx: crate::queue::QueueRx) {
+    /// Starts the apply task. The target takes changes from now on: it says so before the
+    /// task first runs, so the reader can never see a transaction begin while it is Starting.
+    pub fn spawn(self, rx: crate::queue::QueueRx) -> tokio::task::JoinHandle<()> {
         self.publish(TargetState::Streaming);
+        tokio::spawn(self.run(rx))
+    }
+
+    /// Runs until the channel closes (the reader is gone).
+    async fn run(mut self, mut rx: crate::queue::QueueRx) {
         let mut carry: Option<ApplyMsg> = None;
         let mut idle_polls = 0u32;
         loop {
@@ -1184,6 +1190,11 @@ impl Worker {
                                 continue;
                             }
                             let r = self.reconnect_if_needed().await;
+                            if r.is_ok() {
+                                // Taking changes before the reader hears the answer.
+                                tracing::info!(target_name = %self.name, committed = %self.committed, "retrying target");
+                                self.publish(TargetState::Streaming);
+                            }
                             let _ = reply.send(self.durable);
                             break r;
                         }
@@ -1199,11 +1210,7 @@ impl Worker {
                 }
             };
             match resumed {
-                Ok(()) => {
-                    tracing::info!(target_name = %self.name, committed = %self.committed, "retrying target");
-                    self.publish(TargetState::Streaming);
-                    return;
-                }
+                Ok(()) => return,
                 Err(e) => err = e,
             }
         }

@@ -96,6 +96,11 @@ struct OpenTxn {
     bufs: Vec<Vec<Change>>,
     sent: Vec<bool>,
     skip: Vec<bool>,
+    /// Skipped because the target was not taking changes (rather than because it has them).
+    not_taking: Vec<bool>,
+    /// A change for the target was skipped because it was not taking changes: it misses
+    /// this transaction and must hold the slot before it until it has it.
+    missed: Vec<bool>,
 }
 
 enum StreamEnd {
@@ -206,6 +211,8 @@ impl Reader {
                 TargetPosition {
                     // A target that is not taking changes misses the transactions streamed
                     // meanwhile: it stays pending at what it has, whatever was dispatched.
+                    // (Once it takes changes again, what it missed is in `dispatched`, until
+                    // the next barrier restarts the stream from what it has.)
                     dispatched: if status.accepts_changes() {
                         l.dispatched
                     } else {
@@ -410,10 +417,16 @@ impl Reader {
         match msg {
             Message::Begin(b) => {
                 let n = self.links.len();
+                let not_taking: Vec<bool> = self
+                    .links
+                    .iter()
+                    .map(|l| !l.status.borrow().accepts_changes())
+                    .collect();
                 let skip = self
                     .links
                     .iter()
-                    .map(|l| !l.status.borrow().accepts_changes() || b.final_lsn < l.skip_below)
+                    .zip(&not_taking)
+                    .map(|(l, &not_taking)| not_taking || b.final_lsn < l.skip_below)
                     .collect();
                 self.idle_wal_end = None;
                 self.open = Some(OpenTxn {
@@ -425,6 +438,8 @@ impl Reader {
                     bufs: vec![Vec::new(); n],
                     sent: vec![false; n],
                     skip,
+                    not_taking,
+                    missed: vec![false; n],
                 });
             }
             Message::Commit(c) => {
@@ -437,8 +452,19 @@ impl Reader {
                     mut bufs,
                     sent,
                     skip,
+                    missed,
+                    ..
                 } = open;
                 for i in 0..self.links.len() {
+                    if missed[i] {
+                        // Not sent, yet the target needs it: it stays pending (and lagging)
+                        // at what it has, even once it takes changes again, until a barrier
+                        // restarts the stream from what it has.
+                        let l = &mut self.links[i];
+                        l.dispatched = l.dispatched.max(c.end_lsn);
+                        l.in_flight.push_back((c.end_lsn, xact.commit_time));
+                        continue;
+                    }
                     if skip[i] || (!sent[i] && bufs[i].is_empty()) {
                         continue;
                     }
@@ -576,6 +602,9 @@ impl Reader {
             .as_mut()
             .ok_or_else(|| ReaderError::Stream("row change outside a transaction".into()))?;
         if open.skip[i] {
+            if open.not_taking[i] {
+                open.missed[i] = true;
+            }
             return Ok(());
         }
         open.bufs[i].push(change);
