@@ -388,14 +388,23 @@ async fn a_target_crash_loses_no_committed_change() {
     daemon.stop().await;
 }
 
-#[tokio::test]
-async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
+/// Stalls "strict" (retrying every `retry_secs`) on a rejected row, drops the source connection
+/// while it is stalled (a barrier), streams a transaction it cannot take meanwhile, lets
+/// `more_errors` further failures happen, then waits `settle` for status updates to go out, stops
+/// the daemon, fixes the cause and starts a new run: the slot must still have held everything
+/// the stalled target missed, so it ends level with the source.
+async fn stall_through_a_barrier_then_fix(retry_secs: u32, more_errors: f64, settle: Duration) {
     let env = strict_and_other().await;
-    // Slow retries: the stalled target stays failed (not ready) for the whole test.
     let config = env
         .config()
-        .replace("retry_initial_secs = 0.2", "retry_initial_secs = 60")
-        .replace("retry_max_secs = 1.0", "retry_max_secs = 60");
+        .replace(
+            "retry_initial_secs = 0.2",
+            &format!("retry_initial_secs = {retry_secs}"),
+        )
+        .replace(
+            "retry_max_secs = 1.0",
+            &format!("retry_max_secs = {retry_secs}"),
+        );
     let daemon = crate::common::start_daemon(&config);
     env.wait_slot().await;
     let src = env.source().await;
@@ -406,16 +415,16 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
         metric(&daemon, "migration_errors_total", &[("target", "strict")]) > 0.0
     })
     .await;
-    // A barrier while it is stalled: the source connection drops and the stream restarts.
     drop_source_connection(&src, &env.slot).await;
     src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
         .await
         .unwrap();
     env.wait_equal("other", "patients").await;
-    // Status updates go out at least every 10 s: let one go out, then stop. The slot must
-    // still hold the rejected transaction and everything after it for the stalled target:
-    // once its cause is fixed, a new run brings it level with the source.
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    wait_until("further failures", Duration::from_secs(60), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "strict")]) >= 1.0 + more_errors
+    })
+    .await;
+    tokio::time::sleep(settle).await;
     daemon.stop().await;
     env.target("strict")
         .await
@@ -429,45 +438,15 @@ async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
 }
 
 #[tokio::test]
+async fn a_stalled_target_keeps_holding_the_slot_through_a_source_reconnect() {
+    // Slow retries: the target stays failed (not ready) for the whole run. Status updates go
+    // out at least every 10 s: let one go out.
+    stall_through_a_barrier_then_fix(60, 0.0, Duration::from_secs(11)).await;
+}
+
+#[tokio::test]
 async fn a_retrying_target_still_holds_what_it_missed_while_stalled() {
-    let env = strict_and_other().await;
-    // Retries every few seconds: the stalled target comes back (a barrier), fails again, ...
-    let config = env
-        .config()
-        .replace("retry_initial_secs = 0.2", "retry_initial_secs = 3")
-        .replace("retry_max_secs = 1.0", "retry_max_secs = 3");
-    let daemon = crate::common::start_daemon(&config);
-    env.wait_slot().await;
-    let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (150, 'rejected on strict')")
-        .await
-        .unwrap();
-    wait_until("strict stalled", Duration::from_secs(30), || async {
-        metric(&daemon, "migration_errors_total", &[("target", "strict")]) > 0.0
-    })
-    .await;
-    // Before its first retry: a barrier (the source connection drops), then a transaction
-    // streamed while the target does not take changes.
-    drop_source_connection(&src, &env.slot).await;
-    src.batch_execute("INSERT INTO patients VALUES (5, 'during the stall')")
-        .await
-        .unwrap();
-    env.wait_equal("other", "patients").await;
-    // Two retries, each a barrier at which the target is taking changes again; after each,
-    // status updates go out.
-    wait_until("two retries", Duration::from_secs(60), || async {
-        metric(&daemon, "migration_errors_total", &[("target", "strict")]) >= 3.0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    daemon.stop().await;
-    env.target("strict")
-        .await
-        .batch_execute("ALTER TABLE patients DROP CONSTRAINT small_ids")
-        .await
-        .unwrap();
-    let daemon = env.start().await;
-    env.wait_equal("strict", "patients").await;
-    env.wait_equal("other", "patients").await;
-    daemon.stop().await;
+    // Retries every 3 s: the target takes changes again at each retry's barrier (then fails
+    // again); two of them, then a status update.
+    stall_through_a_barrier_then_fix(3, 2.0, Duration::from_secs(2)).await;
 }
