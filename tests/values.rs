@@ -318,6 +318,47 @@ async fn truncate_reaches_every_owning_target() {
 }
 
 #[tokio::test]
+async fn truncate_empties_only_the_tables_the_source_emptied() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY);
+         CREATE TABLE refs (id int PRIMARY KEY, note_id int REFERENCES notes);",
+        &[("a", &["notes", "refs"])],
+    )
+    .await;
+    // On the target only: an inheritance child of a routed table, with a row of its own.
+    env.target("a")
+        .await
+        .batch_execute(
+            "CREATE TABLE notes_archive () INHERITS (notes);
+             INSERT INTO notes_archive VALUES (99);",
+        )
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO notes VALUES (1), (2); INSERT INTO refs VALUES (1, 1);")
+        .await
+        .unwrap();
+    env.wait_equal("a", "ONLY notes").await;
+    env.wait_equal("a", "refs").await;
+    // CASCADE on the source: pgoutput names both tables; the target empties just those.
+    src.batch_execute("TRUNCATE notes CASCADE; INSERT INTO notes VALUES (3);")
+        .await
+        .unwrap();
+    env.wait_equal("a", "ONLY notes").await;
+    env.wait_equal("a", "refs").await;
+    let archived: i64 = env
+        .target("a")
+        .await
+        .query_one("SELECT count(*) FROM notes_archive", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(archived, 1, "a target-only child table must keep its rows");
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn replica_identity_full_keeps_duplicates() {
     let env = Env::new(
         "CREATE TABLE events (who text, payload json, at point);

@@ -347,21 +347,22 @@ async fn load_table(
     // COPY acts like INSERT on plain and partitioned tables, except where rules (ignored by
     // COPY), row-level security (COPY FROM refuses it) or statement triggers (fired once per
     // COPY, not per INSERT) are involved: those tables always get INSERT.
-    let copy_ok: bool = client
+    let kind = client
         .query_one(
             "SELECT c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND NOT c.relhasrules \
                     AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid \
-                                    AND NOT t.tgisinternal AND (t.tgtype & 1) = 0) \
+                                    AND NOT t.tgisinternal AND (t.tgtype & 1) = 0), \
+                    c.relkind = 'r' \
              FROM pg_class c WHERE c.oid = to_regclass($1)",
             &[&table.quoted()],
         )
-        .await?
-        .get(0);
+        .await?;
     Ok(Some(TargetTable {
         table: table.clone(),
         columns,
         has_identity_always,
-        copy_ok,
+        copy_ok: kind.get(0),
+        plain: kind.get(1),
     }))
 }
 
@@ -529,7 +530,9 @@ impl Worker {
         loop {
             let msg = match carry.take() {
                 Some(m) => m,
-                None if self.undurable.is_empty() => match rx.recv().await {
+                // (Inside an open target transaction a poll would share its fate: after a
+                // failed pipelined statement it would fail too, and hide the cause.)
+                None if self.undurable.is_empty() || self.in_txn => match rx.recv().await {
                     Some(m) => m,
                     None => break,
                 },
@@ -705,17 +708,27 @@ impl Worker {
             match c {
                 Change::Truncate {
                     ref rels,
-                    cascade,
                     restart_identity,
+                    ..
                 } => {
                     self.flush_inserts().await?;
                     self.drain().await?;
-                    let names: Vec<TableName> = rels.iter().map(|r| r.table.clone()).collect();
-                    let sql = statements::truncate(&names, restart_identity, cascade);
-                    let first = names.first().cloned().unwrap_or_else(|| TableName {
-                        schema: String::new(),
-                        name: String::new(),
-                    });
+                    let names: Vec<(TableName, bool)> = rels
+                        .iter()
+                        .map(|r| {
+                            let plain = self.tables.get(&r.table).is_none_or(|t| t.plain);
+                            (r.table.clone(), plain)
+                        })
+                        .collect();
+                    let sql = statements::truncate(&names, restart_identity);
+                    let first =
+                        names
+                            .first()
+                            .map(|(t, _)| t.clone())
+                            .unwrap_or_else(|| TableName {
+                                schema: String::new(),
+                                name: String::new(),
+                            });
                     self.client
                         .batch_execute(&sql)
                         .await

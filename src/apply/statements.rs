@@ -50,6 +50,9 @@ pub struct TargetTable {
     pub has_identity_always: bool,
     /// Runs of inserts may use COPY (no rules, row security or statement triggers).
     pub copy_ok: bool,
+    /// A plain table (not partitioned): TRUNCATE takes `ONLY`, so inheritance children on the
+    /// target are left alone, as the source's TRUNCATE names each table it empties.
+    pub plain: bool,
 }
 
 /// Where a parameter's value comes from.
@@ -379,15 +382,26 @@ pub fn delete(
     })
 }
 
-/// `TRUNCATE ONLY a, b [RESTART IDENTITY] [CASCADE]`.
-pub fn truncate(tables: &[TableName], restart_identity: bool, cascade: bool) -> String {
-    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+/// `TRUNCATE [ONLY] a, [ONLY] b [RESTART IDENTITY]` for (table, plain) pairs.
+///
+/// Never CASCADE, as PostgreSQL's own subscriber: pgoutput already names every published table
+/// a cascading TRUNCATE emptied, and on the target CASCADE would also empty tables the source
+/// kept (target-only tables, or another route's, referencing these). Without it, such a foreign
+/// key stops the target with an error naming the table instead.
+pub fn truncate(tables: &[(TableName, bool)], restart_identity: bool) -> String {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|(t, plain)| {
+            if *plain {
+                format!("ONLY {}", t.quoted())
+            } else {
+                t.quoted()
+            }
+        })
+        .collect();
     let mut sql = format!("TRUNCATE {}", names.join(", "));
     if restart_identity {
         sql.push_str(" RESTART IDENTITY");
-    }
-    if cascade {
-        sql.push_str(" CASCADE");
     }
     sql
 }
@@ -479,6 +493,7 @@ mod tests {
                 .collect(),
             has_identity_always: false,
             copy_ok: true,
+            plain: true,
         }
     }
 
@@ -603,12 +618,13 @@ mod tests {
     #[test]
     fn truncate_flags() {
         let t = vec![
-            TableName::parse("a").unwrap(),
-            TableName::parse("s.b").unwrap(),
+            (TableName::parse("a").unwrap(), true),
+            (TableName::parse("s.b").unwrap(), false),
         ];
         assert_eq!(
-            truncate(&t, true, true),
-            r#"TRUNCATE "public"."a", "s"."b" RESTART IDENTITY CASCADE"#
+            truncate(&t, true),
+            r#"TRUNCATE ONLY "public"."a", "s"."b" RESTART IDENTITY"#
         );
+        assert_eq!(truncate(&t[..1], false), r#"TRUNCATE ONLY "public"."a""#);
     }
 }
