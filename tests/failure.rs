@@ -212,18 +212,7 @@ async fn missing_slot_with_progress_refuses_to_start() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&env.slot])
         .await
         .unwrap();
-    let settings = pgcarve::config::Config::from_toml(&env.config())
-        .unwrap()
-        .validate()
-        .unwrap();
-    let err = pgcarve::daemon::run(
-        settings,
-        Default::default(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = env.start_error().await;
     assert!(err.contains(&env.slot) && err.contains("t (at"), "{err}");
 }
 
@@ -234,23 +223,39 @@ async fn table_without_key_or_identity_is_refused_with_the_fix() {
         &[("t", &["nokey", "patients", "ghost"])],
     )
     .await;
-    let settings = pgcarve::config::Config::from_toml(&env.config())
-        .unwrap()
-        .validate()
-        .unwrap();
-    let err = pgcarve::daemon::run(
-        settings,
-        Default::default(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = env.start_error().await;
     assert!(
         err.contains("REPLICA IDENTITY FULL") && err.contains("public.nokey"),
         "{err}"
     );
     assert!(err.contains("public.ghost does not exist"), "{err}");
+}
+
+#[tokio::test]
+async fn a_publication_filtering_rows_or_columns_is_refused() {
+    let env = Env::new(
+        "CREATE TABLE patients (id int PRIMARY KEY, name text);
+         CREATE TABLE notes (id int PRIMARY KEY, body text);",
+        &[("t", &["patients", "notes"])],
+    )
+    .await;
+    env.source()
+        .await
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE patients WHERE (id > 10), notes (id)",
+            env.slot
+        ))
+        .await
+        .unwrap();
+    let err = env.start_error().await;
+    assert!(
+        err.contains("public.patients") && err.contains("row filter"),
+        "{err}"
+    );
+    assert!(
+        err.contains("public.notes") && err.contains("column list"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -172,7 +172,9 @@ pub async fn ensure_publication(
     if !all {
         let present = client
             .query(
-                "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+                "SELECT n.nspname::text, c.relname::text, \
+                        pr.prqual IS NOT NULL, pr.prattrs IS NOT NULL \
+                 FROM pg_publication_rel pr \
                  JOIN pg_publication p ON p.oid = pr.prpubid \
                  JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE p.pubname = $1",
@@ -182,9 +184,29 @@ pub async fn ensure_publication(
             .map_err(|e| vec![db_err("read publication tables", &e)])?;
         let present: Vec<TableName> = present
             .iter()
-            .map(|r| TableName {
-                schema: r.get(0),
-                name: r.get(1),
+            .map(|r| {
+                let table = TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                };
+                // Every row and every column must reach the targets.
+                if tables.contains(&table) {
+                    let fix = format!(
+                        "ALTER PUBLICATION {} SET TABLE … without it (or give pgcarve a publication of its own, source.publication)",
+                        quote_ident(publication)
+                    );
+                    if r.get::<_, bool>(2) {
+                        problems.push(format!(
+                            "publication {publication} has a row filter (WHERE) on {table}: rows it leaves out would be missing on the targets; {fix}"
+                        ));
+                    }
+                    if r.get::<_, bool>(3) {
+                        problems.push(format!(
+                            "publication {publication} has a column list on {table}: columns it leaves out would be NULL or default on the targets; {fix}"
+                        ));
+                    }
+                }
+                table
             })
             .collect();
         let missing: Vec<&TableName> = tables.iter().filter(|t| !present.contains(t)).collect();

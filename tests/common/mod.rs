@@ -208,6 +208,23 @@ impl Env {
         daemon
     }
 
+    /// Runs the daemon on this environment's config, expecting it to refuse to start; returns
+    /// the error.
+    pub async fn start_error(&self) -> String {
+        let settings = pgcarve::config::Config::from_toml(&self.config())
+            .expect("parse config")
+            .validate()
+            .expect("valid config");
+        pgcarve::daemon::run(
+            settings,
+            Default::default(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect_err("the daemon should refuse to start")
+        .to_string()
+    }
+
     /// The daemon config for this environment.
     pub fn config(&self) -> String {
         let c = clusters();
