@@ -6,18 +6,30 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgcarve::cli::{Cli, Command, LogFormat};
 
+/// tokio-postgres logs server NOTICEs at info and statements at debug, and a target's trigger
+/// may RAISE NOTICE with row values: its events pass at warn and above only, whatever
+/// `PGCARVE_LOG` says (a separate filter, so no directive can lower it).
+fn passes_floor(target: &str, level: &tracing::Level) -> bool {
+    !target.starts_with("tokio_postgres") || *level <= tracing::Level::WARN
+}
+
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCARVE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // tokio-postgres logs server NOTICEs at info and statements at debug; a target's
-        // trigger may RAISE NOTICE with row values. Never below warn, whatever PGCARVE_LOG says.
-        .add_directive("tokio_postgres=warn".parse().expect("static directive"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let floor = tracing_subscriber::filter::filter_fn(|m| passes_floor(m.target(), m.level()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Human => builder.finish().with(floor).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(floor)
+            .init(),
     }
 }
 
@@ -43,5 +55,19 @@ fn main() -> ExitCode {
             eprintln!("pgcarve: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passes_floor;
+    use tracing::Level;
+
+    #[test]
+    fn tokio_postgres_notices_never_pass() {
+        assert!(!passes_floor("tokio_postgres::connection", &Level::INFO));
+        assert!(!passes_floor("tokio_postgres::query", &Level::DEBUG));
+        assert!(passes_floor("tokio_postgres::connection", &Level::WARN));
+        assert!(passes_floor("pgcarve::apply", &Level::DEBUG));
     }
 }

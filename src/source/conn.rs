@@ -551,7 +551,15 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ConnError> {
     Ok(row)
 }
 
-/// Builds a [`ConnError::Server`] from an ErrorResponse body: SQLSTATE and primary message only.
+/// SQLSTATE classes whose messages name things (roles, databases, slots, WAL segments,
+/// settings) rather than quote data: connection, authorization, catalog objects, resources,
+/// object state, operator intervention, system errors, unsupported features.
+const NAMING_CLASSES: &[&str] = &["08", "28", "3D", "42", "53", "55", "57", "58", "0A"];
+
+/// Builds a [`ConnError::Server`] from an ErrorResponse body: SQLSTATE and primary message only,
+/// and the message only for SQLSTATE classes that do not quote data. Errors raised while the
+/// server decodes (encoding conversion, an output function, an internal error) may carry bytes
+/// of a row: their message is withheld, the SQLSTATE and its name stay.
 fn server_error(body: &Bytes) -> ConnError {
     let mut code = String::new();
     let mut message = String::new();
@@ -568,6 +576,12 @@ fn server_error(body: &Bytes) -> ConnError {
             b'M' => message = value,
             _ => {}
         }
+    }
+    if !NAMING_CLASSES.iter().any(|c| code.starts_with(c)) {
+        message = format!(
+            "{} (message withheld: it may quote row data)",
+            crate::apply::error::sqlstate_name(&code)
+        );
     }
     ConnError::Server { code, message }
 }
@@ -608,7 +622,28 @@ mod tests {
         b.extend_from_slice(&[0]);
         let e = server_error(&b.freeze());
         assert_eq!(e.code(), Some("42704"));
+        assert!(e.to_string().contains("slot missing"));
         assert!(!e.to_string().contains("Alice"));
+    }
+
+    #[test]
+    fn error_messages_that_may_quote_data_are_withheld() {
+        let mut b = BytesMut::new();
+        for (f, v) in [
+            (b'C', "22P05"),
+            (
+                b'M',
+                "character with byte sequence 0x41 0x6c in encoding \"UTF8\" has no equivalent",
+            ),
+        ] {
+            b.extend_from_slice(&[f]);
+            b.extend_from_slice(v.as_bytes());
+            b.extend_from_slice(&[0]);
+        }
+        b.extend_from_slice(&[0]);
+        let e = server_error(&b.freeze()).to_string();
+        assert!(e.contains("22P05") && e.contains("withheld"), "{e}");
+        assert!(!e.contains("0x41"), "{e}");
     }
 
     #[test]
