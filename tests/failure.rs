@@ -455,3 +455,39 @@ async fn a_retrying_target_still_holds_what_it_missed_while_stalled() {
     // again); two of them, then a status update.
     stall_through_a_barrier_then_fix(3, 2.0, Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn a_column_added_on_the_source_stalls_until_added_on_the_target() {
+    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+    // DDL is not replicated: the new column stalls the target, naming it.
+    src.batch_execute(
+        "ALTER TABLE patients ADD COLUMN note text;
+         INSERT INTO patients VALUES (2, 'b', 'n');",
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the missing column reported",
+        Duration::from_secs(30),
+        || async {
+            daemon.obs.health.report().1["targets"]["t"]["failure"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("note"))
+        },
+    )
+    .await;
+    // Fixed on the target: the next retry plans from the target's catalog as it is now.
+    env.target("t")
+        .await
+        .batch_execute("ALTER TABLE patients ADD COLUMN note text")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+    daemon.stop().await;
+}

@@ -1246,10 +1246,22 @@ impl Worker {
             .await
             .map_err(conn_err)?
             .unwrap_or(Lsn::ZERO);
+        // The cause may have been fixed in the target's schema (a column added, a trigger or a
+        // rule changed): plan from its catalog as it is now.
+        let mut tables = HashMap::with_capacity(self.tables.len());
+        for name in self.tables.keys() {
+            match load_table(&client, name).await.map_err(conn_err)? {
+                Some(tt) => {
+                    tables.insert(name.clone(), tt);
+                }
+                None => return Err(ApplyError::UnknownTable(name.clone())),
+            }
+        }
+        self.tables = tables;
+        self.stmts.clear();
         if let Some(upsert) = upsert {
             self.client = client;
             self.upsert = upsert;
-            self.stmts.clear();
         }
         // Ahead: a COMMIT whose answer was lost did succeed. Behind what was durable: the
         // target lost what it had on disk; never skip past that silently. Between the two: a
