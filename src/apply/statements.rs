@@ -343,14 +343,16 @@ pub fn update(
         ));
     }
     if sets.is_empty() {
-        // Every column unchanged: still check the row exists, as a no-op update.
-        let first = quote_ident(
-            &rel.columns
-                .first()
-                .map(|c| c.name.clone())
-                .unwrap_or_default(),
-        );
-        sets.push(format!("{first} = {first}"));
+        // Every column unchanged: still check the row exists, as a no-op update, on a column
+        // UPDATE may write (not a GENERATED ALWAYS identity column).
+        let writable = rel
+            .columns
+            .iter()
+            .find(|c| !tt.columns.get(&c.name).is_some_and(|t| t.identity_always))
+            .or(rel.columns.first())
+            .map(|c| quote_ident(&c.name))
+            .unwrap_or_default();
+        sets.push(format!("{writable} = {writable}"));
     }
     Ok(Plan {
         sql: format!(
@@ -521,6 +523,24 @@ mod tests {
         assert_eq!(skip, None);
         let p = update(&r, &tt, true, None, None, true).unwrap();
         assert_eq!(p.identity_override, ["\"id\""]);
+    }
+
+    #[test]
+    fn a_no_op_update_never_sets_an_identity_always_column() {
+        use bytes::Bytes;
+        // `UPDATE notes SET body = body` with a TOASTed body: the new tuple is (id, unchanged).
+        let r = rel(ReplicaIdentity::Default, &[("id", true), ("body", false)]);
+        let mut tt = target(&[("id", true), ("body", true)]);
+        tt.columns.get_mut("id").unwrap().identity_always = true;
+        tt.has_identity_always = true;
+        let new = Tuple(vec![Value::Text(Bytes::from_static(b"1")), Value::Unchanged]);
+        let skip = update_skip_positions(&r, &tt, &new, None);
+        let p = update(&r, &tt, false, skip.as_deref(), None, true).unwrap();
+        assert_eq!(
+            p.sql,
+            "UPDATE \"public\".\"patients\" SET \"body\" = \"body\" WHERE \"id\" = $1"
+        );
+        assert!(p.identity_override.is_empty());
     }
 
     #[test]
