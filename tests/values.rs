@@ -637,3 +637,36 @@ async fn tables_with_statement_triggers_or_rules_get_inserts_not_copy() {
     assert_eq!(fired, 20);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn full_identity_changes_the_exact_row() {
+    // No key: REPLICA IDENTITY FULL. numeric's `=` says 1.0 = 1.00, and json[] has no usable
+    // `=` at all: rows must be found by their exact value.
+    let env = Env::new(
+        "CREATE TABLE readings (patient int, value numeric, tags json[]);
+         ALTER TABLE readings REPLICA IDENTITY FULL;",
+        &[("svc", &["readings"])],
+    )
+    .await;
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute(
+        r#"INSERT INTO readings VALUES
+             (1, 1.0, ARRAY['{"a": 1}'::json]),
+             (1, 1.00, ARRAY['{"a": 1}'::json]),
+             (2, 5, NULL),
+             (2, 5, NULL);"#,
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "readings").await;
+    src.batch_execute(
+        "DELETE FROM readings WHERE value::text = '1.00';
+         UPDATE readings SET tags = ARRAY['{}'::json] WHERE patient = 1;
+         DELETE FROM readings WHERE ctid = (SELECT min(ctid) FROM readings WHERE patient = 2);",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "readings").await;
+    daemon.stop().await;
+}

@@ -121,6 +121,7 @@ pub fn sqlstate_name(code: &str) -> &'static str {
         "42P01" => "undefined_table",
         "42703" => "undefined_column",
         "42804" => "datatype_mismatch",
+        "42883" => "undefined_function",
         "42501" => "insufficient_privilege",
         "40001" => "serialization_failure",
         "40P01" => "deadlock_detected",

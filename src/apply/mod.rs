@@ -299,7 +299,7 @@ async fn load_table(
 ) -> Result<Option<TargetTable>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, \
                     (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
                     a.attidentity = 'a' \
              FROM pg_attribute a \
@@ -317,26 +317,11 @@ async fn load_table(
         }
     }
     let mut columns = HashMap::new();
-    let mut eq_cache: HashMap<String, bool> = HashMap::new();
     for r in rows {
-        let type_name: String = r.get(1);
-        let has_eq = match eq_cache.get(&type_name) {
-            Some(v) => *v,
-            None => {
-                // Let PostgreSQL's own operator resolution say whether `=` exists for the type.
-                let v = client
-                    .prepare(&format!("SELECT NULL::{type_name} = NULL::{type_name}"))
-                    .await
-                    .is_ok();
-                eq_cache.insert(type_name.clone(), v);
-                v
-            }
-        };
         columns.insert(
             r.get::<_, String>(0),
             TargetColumn {
-                type_name,
-                has_eq,
+                type_name: r.get(1),
                 not_null: r.get(2),
                 has_default: r.get(3),
                 identity_always: r.get(4),

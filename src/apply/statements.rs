@@ -10,9 +10,12 @@
 //! - primary key / REPLICA IDENTITY USING INDEX: `WHERE k1 = $a AND …` over the key columns
 //!   flagged in the Relation message, taken from the old key tuple when the source sent one (the
 //!   key changed) and from the new tuple otherwise;
-//! - REPLICA IDENTITY FULL: every old column compared with `IS NOT DISTINCT FROM` (through
-//!   `::text` for types without an equality operator), and exactly one matching row changed,
-//!   chosen by `(tableoid, ctid)`, so duplicate rows stay duplicates.
+//! - REPLICA IDENTITY FULL: the old row compared as an exact image,
+//!   `record_image_eq(ROW(c1, …), ROW($a::t1, …))`, and exactly one matching row changed, chosen
+//!   by `(tableoid, ctid)`, so duplicate rows stay duplicates. Not the types' own `=`: that
+//!   finds 'Smith' for 'SMITH' in a citext column, 1.0 for 1.00, '1 day' for '24:00:00', and it
+//!   does not exist for json (nor, found only when values are compared, for json[]). NULLs match
+//!   NULLs.
 //!
 //! Unchanged TOASTed columns are left out of `SET`; each such combination is its own statement
 //! shape, prepared once like the others.
@@ -27,10 +30,9 @@ use crate::source::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
 /// A column of a target table.
 #[derive(Debug, Clone)]
 pub struct TargetColumn {
-    /// `format_type` of the column type, e.g. `numeric(10,2)`.
+    /// `format_type` of the column type without its modifier, e.g. `numeric` (casting to it
+    /// never rounds nor truncates).
     pub type_name: String,
-    /// Whether `=` exists for the type (otherwise compare as text).
-    pub has_eq: bool,
     /// NOT NULL.
     pub not_null: bool,
     /// Has a default (or is an identity/generated column).
@@ -237,25 +239,27 @@ fn row_filter(
     let table = tt.table.quoted();
     match rel.replica_identity {
         ReplicaIdentity::Full => {
-            let mut conds = Vec::new();
+            let mut cols = Vec::new();
+            let mut vals = Vec::new();
             for (i, c) in rel.columns.iter().enumerate() {
                 if is_skipped(old_mask, i) {
                     continue;
                 }
+                let Some(tc) = tt.columns.get(&c.name) else {
+                    continue; // check_columns reports it
+                };
                 params.push((Source::Old, i));
-                let n = params.len();
-                let col = quote_ident(&c.name);
-                let has_eq = tt.columns.get(&c.name).is_some_and(|tc| tc.has_eq);
-                conds.push(if has_eq {
-                    format!("{col} IS NOT DISTINCT FROM ${n}")
-                } else {
-                    format!("{col}::text IS NOT DISTINCT FROM ${n}::text")
-                });
+                cols.push(quote_ident(&c.name));
+                vals.push(format!("${}::{}", params.len(), tc.type_name));
             }
-            let conds = if conds.is_empty() {
+            let conds = if cols.is_empty() {
                 "true".to_string()
             } else {
-                conds.join(" AND ")
+                format!(
+                    "record_image_eq(ROW({}), ROW({}))",
+                    cols.join(", "),
+                    vals.join(", ")
+                )
             };
             Ok(format!(
                 "(tableoid, ctid) = (SELECT tableoid, ctid FROM {table} WHERE {conds} LIMIT 1)"
@@ -475,17 +479,16 @@ mod tests {
         }
     }
 
-    fn target(cols: &[(&str, bool)]) -> TargetTable {
+    fn target(cols: &[&str]) -> TargetTable {
         TargetTable {
             table: TableName::parse("patients").unwrap(),
             columns: cols
                 .iter()
-                .map(|(n, eq)| {
+                .map(|n| {
                     (
                         (*n).to_string(),
                         TargetColumn {
                             type_name: "text".into(),
-                            has_eq: *eq,
                             not_null: false,
                             has_default: false,
                             identity_always: false,
@@ -503,7 +506,7 @@ mod tests {
     fn identity_always_columns_are_skipped_when_unchanged_and_overridden_otherwise() {
         use bytes::Bytes;
         let r = rel(ReplicaIdentity::Full, &[("id", false), ("v", false)]);
-        let mut tt = target(&[("id", true), ("v", true)]);
+        let mut tt = target(&["id", "v"]);
         tt.columns.get_mut("id").unwrap().identity_always = true;
         tt.has_identity_always = true;
         let t = |a: &'static str, b: &'static str| {
@@ -530,10 +533,13 @@ mod tests {
         use bytes::Bytes;
         // `UPDATE notes SET body = body` with a TOASTed body: the new tuple is (id, unchanged).
         let r = rel(ReplicaIdentity::Default, &[("id", true), ("body", false)]);
-        let mut tt = target(&[("id", true), ("body", true)]);
+        let mut tt = target(&["id", "body"]);
         tt.columns.get_mut("id").unwrap().identity_always = true;
         tt.has_identity_always = true;
-        let new = Tuple(vec![Value::Text(Bytes::from_static(b"1")), Value::Unchanged]);
+        let new = Tuple(vec![
+            Value::Text(Bytes::from_static(b"1")),
+            Value::Unchanged,
+        ]);
         let skip = update_skip_positions(&r, &tt, &new, None);
         let p = update(&r, &tt, false, skip.as_deref(), None, true).unwrap();
         assert_eq!(
@@ -550,7 +556,7 @@ mod tests {
             ReplicaIdentity::Default,
             &[("k", true), ("n", false), ("v", false)],
         );
-        let mut tt = target(&[("k", true), ("n", true), ("v", true)]);
+        let mut tt = target(&["k", "n", "v"]);
         tt.columns.get_mut("n").unwrap().identity_always = true;
         tt.has_identity_always = true;
         let p = update(&r, &tt, false, None, None, true).unwrap();
@@ -572,11 +578,7 @@ mod tests {
     #[test]
     fn insert_names_columns() {
         let r = rel(ReplicaIdentity::Default, &[("id", true), ("name", false)]);
-        let p = insert(
-            &r,
-            &target(&[("name", true), ("id", true), ("extra", true)]),
-        )
-        .unwrap();
+        let p = insert(&r, &target(&["name", "id", "extra"])).unwrap();
         assert_eq!(
             p.sql,
             r#"INSERT INTO "public"."patients" ("id", "name") OVERRIDING SYSTEM VALUE VALUES ($1, $2)"#
@@ -587,7 +589,7 @@ mod tests {
     #[test]
     fn missing_target_column_is_named() {
         let r = rel(ReplicaIdentity::Default, &[("id", true), ("ssn", false)]);
-        let e = insert(&r, &target(&[("id", true)])).unwrap_err();
+        let e = insert(&r, &target(&["id"])).unwrap_err();
         assert_eq!(
             e.to_string(),
             "column ssn of public.patients does not exist on the target"
@@ -600,7 +602,7 @@ mod tests {
             ReplicaIdentity::Default,
             &[("id", true), ("note", false), ("name", false)],
         );
-        let t = target(&[("id", true), ("note", true), ("name", true)]);
+        let t = target(&["id", "note", "name"]);
         let p = update(&r, &t, false, Some(&[1]), None, true).unwrap();
         assert_eq!(
             p.sql,
@@ -615,11 +617,11 @@ mod tests {
     #[test]
     fn full_identity_changes_one_matching_row() {
         let r = rel(ReplicaIdentity::Full, &[("a", true), ("doc", true)]);
-        let t = target(&[("a", true), ("doc", false)]);
+        let t = target(&["a", "doc"]);
         let p = delete(&r, &t, None).unwrap();
         assert_eq!(
             p.sql,
-            r#"DELETE FROM "public"."patients" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."patients" WHERE "a" IS NOT DISTINCT FROM $1 AND "doc"::text IS NOT DISTINCT FROM $2::text LIMIT 1)"#
+            r#"DELETE FROM "public"."patients" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."patients" WHERE record_image_eq(ROW("a", "doc"), ROW($1::text, $2::text)) LIMIT 1)"#
         );
         assert_eq!(p.params, vec![(Source::Old, 0), (Source::Old, 1)]);
         assert!(update(&r, &t, false, None, None, true).is_err());
@@ -628,7 +630,7 @@ mod tests {
     #[test]
     fn no_identity_is_an_error() {
         let r = rel(ReplicaIdentity::Default, &[("a", false)]);
-        let t = target(&[("a", true)]);
+        let t = target(&["a"]);
         assert!(matches!(
             delete(&r, &t, None),
             Err(PlanError::NoIdentity { .. })
