@@ -42,8 +42,9 @@ pub fn pg_to_system_time(ts: PgTimestamp) -> SystemTime {
     }
 }
 
-/// One message the server sends inside CopyBoth.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One message the server sends inside CopyBoth. `Debug` shows an XLogData's length, never its
+/// bytes (they hold row values).
+#[derive(Clone, PartialEq, Eq)]
 pub enum ServerMessage {
     /// WAL data: one pgoutput message.
     XLogData {
@@ -65,6 +66,35 @@ pub enum ServerMessage {
         /// The server wants an immediate reply, or it will time us out.
         reply_requested: bool,
     },
+}
+
+impl std::fmt::Debug for ServerMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            } => f
+                .debug_struct("XLogData")
+                .field("wal_start", wal_start)
+                .field("wal_end", wal_end)
+                .field("send_time", send_time)
+                .field("data_len", &data.len())
+                .finish(),
+            ServerMessage::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            } => f
+                .debug_struct("Keepalive")
+                .field("wal_end", wal_end)
+                .field("send_time", send_time)
+                .field("reply_requested", reply_requested)
+                .finish(),
+        }
+    }
 }
 
 /// A CopyData payload we cannot parse. Never carries the payload.
@@ -133,6 +163,21 @@ pub fn encode_status_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_shows_wal_data() {
+        let m = ServerMessage::XLogData {
+            wal_start: Lsn(1),
+            wal_end: Lsn(2),
+            send_time: 0,
+            data: Bytes::from_static(b"Alice Smith"),
+        };
+        let text = format!("{m:?}");
+        assert!(
+            text.contains("data_len: 11") && !text.contains("Alice"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn parses_xlogdata() {
