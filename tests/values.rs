@@ -641,9 +641,13 @@ async fn tables_with_statement_triggers_or_rules_get_inserts_not_copy() {
 #[tokio::test]
 async fn full_identity_changes_the_exact_row() {
     // No key: REPLICA IDENTITY FULL. numeric's `=` says 1.0 = 1.00, and json[] has no usable
-    // `=` at all: rows must be found by their exact value.
+    // `=` at all: rows must be found by their exact value. char(n) and bit(n) compare with
+    // their length; a domain's constraint added later (NOT VALID) must not be checked against
+    // the old row a DELETE removes.
     let env = Env::new(
-        "CREATE TABLE readings (patient int, value numeric, tags json[]);
+        "CREATE DOMAIN dose AS numeric CHECK (VALUE >= 0);
+         CREATE TABLE readings (patient int, value numeric, tags json[], code char(8),
+                                flags bit(4), amount dose);
          ALTER TABLE readings REPLICA IDENTITY FULL;",
         &[("svc", &["readings"])],
     )
@@ -652,17 +656,24 @@ async fn full_identity_changes_the_exact_row() {
     let src = env.source().await;
     src.batch_execute(
         r#"INSERT INTO readings VALUES
-             (1, 1.0, ARRAY['{"a": 1}'::json]),
-             (1, 1.00, ARRAY['{"a": 1}'::json]),
-             (2, 5, NULL),
-             (2, 5, NULL);"#,
+             (1, 1.0, ARRAY['{"a": 1}'::json], 'AB12', B'1010', 5),
+             (1, 1.00, ARRAY['{"a": 1}'::json], 'AB12', B'1010', 5),
+             (2, 5, NULL, NULL, NULL, 300),
+             (2, 5, NULL, NULL, NULL, 300);"#,
     )
     .await
     .unwrap();
     env.wait_equal("svc", "readings").await;
+    let stricter = "ALTER DOMAIN dose ADD CONSTRAINT small CHECK (VALUE < 100) NOT VALID";
+    src.batch_execute(stricter).await.unwrap();
+    env.target("svc")
+        .await
+        .batch_execute(stricter)
+        .await
+        .unwrap();
     src.batch_execute(
         "DELETE FROM readings WHERE value::text = '1.00';
-         UPDATE readings SET tags = ARRAY['{}'::json] WHERE patient = 1;
+         UPDATE readings SET tags = ARRAY['{}'::json], flags = B'0101' WHERE patient = 1;
          DELETE FROM readings WHERE ctid = (SELECT min(ctid) FROM readings WHERE patient = 2);",
     )
     .await

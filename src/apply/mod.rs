@@ -211,6 +211,8 @@ pub struct Worker {
     /// group; drained before COPY, TRUNCATE and COMMIT.
     in_flight: FuturesOrdered<Flight>,
     tables: HashMap<TableName, TargetTable>,
+    /// The tables this target owns (those missing from `tables` are gone from the target).
+    owned: Vec<TableName>,
     stmts: HashMap<StmtKey, Arc<Prepared>>,
     upsert: Statement,
     key: ProgressKey,
@@ -297,13 +299,28 @@ async fn load_table(
     client: &Client,
     table: &TableName,
 ) -> Result<Option<TargetTable>, tokio_postgres::Error> {
+    // The type rows are compared in (REPLICA IDENTITY FULL): the column's own, with its
+    // modifier (char(8) is not `character`, which means char(1)), and for a domain its base
+    // type, so the domain's constraints are not checked against old rows.
     let rows = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, \
+            "WITH RECURSIVE col AS ( \
+                 SELECT a.attnum, a.atttypid AS typ, a.atttypmod AS typmod, 0 AS depth \
+                 FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+               UNION ALL \
+                 SELECT col.attnum, t.typbasetype, t.typtypmod, col.depth + 1 \
+                 FROM col JOIN pg_type t ON t.oid = col.typ WHERE t.typtype = 'd' \
+             ), base AS ( \
+                 SELECT DISTINCT ON (attnum) attnum, format_type(typ, typmod) AS cmp_type, \
+                        depth > 0 AS domain \
+                 FROM col ORDER BY attnum, depth DESC \
+             ) \
+             SELECT a.attname::text, b.cmp_type, a.attnotnull, \
                     (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''), \
-                    a.attidentity = 'a' \
-             FROM pg_attribute a \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                    a.attidentity = 'a', b.domain \
+             FROM pg_attribute a JOIN base b ON b.attnum = a.attnum \
+             WHERE a.attrelid = to_regclass($1)",
             &[&table.quoted()],
         )
         .await?;
@@ -322,6 +339,7 @@ async fn load_table(
             r.get::<_, String>(0),
             TargetColumn {
                 type_name: r.get(1),
+                domain: r.get(5),
                 not_null: r.get(2),
                 has_default: r.get(3),
                 identity_always: r.get(4),
@@ -450,6 +468,7 @@ impl Worker {
             client: Arc::new(client),
             in_flight: FuturesOrdered::new(),
             tables,
+            owned: target.tables.clone(),
             stmts: HashMap::new(),
             upsert,
             key,
@@ -1233,13 +1252,11 @@ impl Worker {
             .unwrap_or(Lsn::ZERO);
         // The cause may have been fixed in the target's schema (a column added, a trigger or a
         // rule changed): plan from its catalog as it is now.
-        let mut tables = HashMap::with_capacity(self.tables.len());
-        for name in self.tables.keys() {
-            match load_table(&client, name).await.map_err(conn_err)? {
-                Some(tt) => {
-                    tables.insert(name.clone(), tt);
-                }
-                None => return Err(ApplyError::UnknownTable(name.clone())),
+        let mut tables = HashMap::with_capacity(self.owned.len());
+        for name in &self.owned {
+            // A table gone from the target fails only the changes that reach it.
+            if let Some(tt) = load_table(&client, name).await.map_err(conn_err)? {
+                tables.insert(name.clone(), tt);
             }
         }
         self.tables = tables;

@@ -30,9 +30,11 @@ use crate::source::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
 /// A column of a target table.
 #[derive(Debug, Clone)]
 pub struct TargetColumn {
-    /// `format_type` of the column type without its modifier, e.g. `numeric` (casting to it
-    /// never rounds nor truncates).
+    /// The type values are compared in: `format_type` of the column's type with its modifier
+    /// (e.g. `character(8)`), or for a domain of its base type.
     pub type_name: String,
+    /// The column's type is a domain (compare it cast to `type_name`).
+    pub domain: bool,
     /// NOT NULL.
     pub not_null: bool,
     /// Has a default (or is an identity/generated column).
@@ -249,7 +251,12 @@ fn row_filter(
                     continue; // check_columns reports it
                 };
                 params.push((Source::Old, i));
-                cols.push(quote_ident(&c.name));
+                let col = quote_ident(&c.name);
+                cols.push(if tc.domain {
+                    format!("{col}::{}", tc.type_name)
+                } else {
+                    col
+                });
                 vals.push(format!("${}::{}", params.len(), tc.type_name));
             }
             let conds = if cols.is_empty() {
@@ -489,6 +496,7 @@ mod tests {
                         (*n).to_string(),
                         TargetColumn {
                             type_name: "text".into(),
+                            domain: false,
                             not_null: false,
                             has_default: false,
                             identity_always: false,

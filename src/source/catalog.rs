@@ -170,14 +170,27 @@ pub async fn ensure_publication(
             .map_err(|e| vec![db_err("set publish_via_partition_root", &e)])?;
     }
     if !all {
+        // Row filters and column lists exist from PostgreSQL 15.
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| vec![db_err("read server version", &e)])?
+            .get(0);
+        let filters = if version >= 150000 {
+            "pr.prqual IS NOT NULL, pr.prattrs IS NOT NULL"
+        } else {
+            "false, false"
+        };
         let present = client
             .query(
-                "SELECT n.nspname::text, c.relname::text, \
-                        pr.prqual IS NOT NULL, pr.prattrs IS NOT NULL \
-                 FROM pg_publication_rel pr \
-                 JOIN pg_publication p ON p.oid = pr.prpubid \
-                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE p.pubname = $1",
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, {filters} \
+                     FROM pg_publication_rel pr \
+                     JOIN pg_publication p ON p.oid = pr.prpubid \
+                     JOIN pg_class c ON c.oid = pr.prrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE p.pubname = $1"
+                ),
                 &[&publication],
             )
             .await
