@@ -19,7 +19,8 @@
 //! small scenario uses a tenth), `PGCARVE_BENCH_ROUNDS` (default 3, the median is reported),
 //! `PGCARVE_BENCH_FSYNC` (default `on`; `off` for a faster, less realistic run),
 //! `PGCARVE_BENCH_SCENARIOS` (comma-separated subset), `PGCARVE_BENCH_NATIVE_SYNC` (the
-//! subscriptions' `synchronous_commit`, default `off` as in PostgreSQL and as pgcarve's apply).
+//! subscriptions' `synchronous_commit`, default `off` as in PostgreSQL and as pgcarve's apply),
+//! `PGCARVE_BENCH_THREADS` (pgcarve's runtime threads, default as `apply.threads`).
 //! Both sides confirm their slot only up to what the subscriber has flushed.
 
 use std::time::{Duration, Instant};
@@ -353,13 +354,16 @@ fn main() {
         next: std::cell::Cell::new(0),
         native_sync: native_sync.clone(),
     };
+    // pgcarve runs in this process: its runtime gets the daemon's thread count.
+    let threads: usize = env_or("PGCARVE_BENCH_THREADS", pgcarve::config::default_threads());
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .unwrap();
 
     println!(
-        "pgcarve end-to-end bench: {rows} rows (small: {}), {rounds} rounds, fsync={fsync}, {} CPUs",
+        "pgcarve end-to-end bench: {rows} rows (small: {}), {rounds} rounds, fsync={fsync}, {} CPUs, pgcarve threads {threads}",
         rows / 10,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );

@@ -78,6 +78,9 @@ pub struct ApplyConfig {
     /// Longest retry delay, seconds.
     #[serde(default = "default_retry_max")]
     pub retry_max_secs: f64,
+    /// Threads running pgcarve's own tasks (reader, apply tasks, metrics).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
 }
 
 impl Default for ApplyConfig {
@@ -88,6 +91,7 @@ impl Default for ApplyConfig {
             group_transactions: default_group_transactions(),
             retry_initial_secs: default_retry_initial(),
             retry_max_secs: default_retry_max(),
+            threads: default_threads(),
         }
     }
 }
@@ -126,6 +130,12 @@ fn default_retry_initial() -> f64 {
 }
 fn default_retry_max() -> f64 {
     60.0
+}
+/// One: pgcarve's own work per row is small and mostly waits on I/O, while the walsender and
+/// the target backends need the cores; measured faster than one thread per core on 2 cores
+/// (`benches/e2e.rs`, `PGCARVE_BENCH_THREADS`).
+pub fn default_threads() -> usize {
+    1
 }
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
@@ -328,6 +338,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=256).contains(&a.threads) {
+            problems.push(format!(
+                "apply.threads = {}: must be between 1 and 256",
+                a.threads
+            ));
+        }
         if !(a.retry_initial_secs > 0.0 && a.retry_max_secs >= a.retry_initial_secs) {
             problems
                 .push("apply.retry_initial_secs must be > 0 and <= apply.retry_max_secs".into());
@@ -433,6 +449,9 @@ tables = ["x.y.z", "t", "t"]
 
 [metrics]
 listen = "nope"
+
+[apply]
+threads = 0
 "#;
         let err = Config::from_toml(text).unwrap().validate().unwrap_err();
         let all = err.to_string();
@@ -443,6 +462,7 @@ listen = "nope"
             "x.y.z",
             "twice",
             "metrics.listen",
+            "apply.threads",
         ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }

@@ -47,9 +47,13 @@ pub struct Observability {
     pub health: Health,
 }
 
-/// Loads the config file and runs until SIGINT or SIGTERM.
-pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
-    let settings = Config::load(path)?.validate()?;
+/// Loads and checks the config file (before the runtime exists: it says how many threads).
+pub fn load_settings(path: &Path) -> anyhow::Result<Settings> {
+    Ok(Config::load(path)?.validate()?)
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

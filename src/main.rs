@@ -33,22 +33,28 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgcarve: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
+    let result = match cli.command {
+        Command::Run => pgcarve::daemon::load_settings(&cli.config).and_then(|settings| {
+            let threads = settings.apply.threads;
+            runtime(threads)?.block_on(pgcarve::daemon::run_until_signal(settings))
+        }),
+        // The demo runs its workload sessions beside the daemon: a thread per core.
+        Command::Demo { seconds, keep } => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            runtime(threads).and_then(|rt| rt.block_on(pgcarve::demo::run(seconds, keep)))
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run => pgcarve::daemon::run_from_file(&cli.config).await,
-            Command::Demo { seconds, keep } => pgcarve::demo::run(seconds, keep).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
