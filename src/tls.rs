@@ -70,8 +70,7 @@ fn load_roots(info: &ConnInfo) -> Result<RootCertStore, TlsError> {
     let path = match &info.sslrootcert {
         Some(p) => p.clone(),
         None => {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            let p = Path::new(&home).join(".postgresql/root.crt");
+            let p = default_root_cert();
             if !p.exists() {
                 return Err(TlsError::NoRootCert(info.sslmode));
             }
@@ -110,9 +109,10 @@ fn load_roots(info: &ConnInfo) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-fn default_root_cert_exists() -> bool {
-    std::env::var_os("HOME")
-        .is_some_and(|home| Path::new(&home).join(".postgresql/root.crt").exists())
+/// libpq's default root CA file, `~/.postgresql/root.crt`.
+fn default_root_cert() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    Path::new(&home).join(".postgresql/root.crt")
 }
 
 impl TlsConnector {
@@ -124,7 +124,7 @@ impl TlsConnector {
         // Like libpq: with a root CA file (given, or ~/.postgresql/root.crt), `require` checks
         // the certificate chain as `verify-ca` does.
         let mode = match info.sslmode {
-            SslMode::Require if info.sslrootcert.is_some() || default_root_cert_exists() => {
+            SslMode::Require if info.sslrootcert.is_some() || default_root_cert().exists() => {
                 SslMode::VerifyCa
             }
             m => m,

@@ -56,6 +56,27 @@ const FLUSH_POLL: Duration = Duration::from_millis(100);
 /// Idle polls after which the remaining commits are made durable with a synchronous commit.
 const IDLE_POLLS_BEFORE_FORCE: u32 = 10;
 
+/// The target's WAL insert and flush positions (durability is read from them).
+const WAL_POSITION_SQL: &str =
+    "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
+
+/// Statements every group commit runs, prepared once per connection.
+struct CommitStatements {
+    /// Writes the progress row.
+    upsert: Statement,
+    /// [`WAL_POSITION_SQL`].
+    position: Statement,
+}
+
+async fn prepare_commit_statements(
+    client: &Client,
+) -> Result<CommitStatements, tokio_postgres::Error> {
+    Ok(CommitStatements {
+        upsert: progress::prepare_upsert(client).await?,
+        position: client.prepare(WAL_POSITION_SQL).await?,
+    })
+}
+
 /// Statements kept in flight on a target connection at once.
 const PIPELINE_DEPTH: usize = 256;
 
@@ -214,7 +235,7 @@ pub struct Worker {
     /// The tables this target owns (those missing from `tables` are gone from the target).
     owned: Vec<TableName>,
     stmts: HashMap<StmtKey, Arc<Prepared>>,
-    upsert: Statement,
+    commit_stmts: CommitStatements,
     key: ProgressKey,
     committed: Lsn,
     cfg: ApplyConfig,
@@ -395,13 +416,7 @@ impl Worker {
             .await
             .map_err(|e| transient("connect", &e))?;
         // Durability is read from the target's WAL positions.
-        if let Err(e) = client
-            .query_one(
-                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-                &[],
-            )
-            .await
-        {
+        if let Err(e) = client.query_one(WAL_POSITION_SQL, &[]).await {
             if e.as_db_error().is_some() {
                 return Err(StartError::Fatal(vec![format!(
                     "target {} ({}): cannot read its WAL position ({}): pgcarve needs pg_current_wal_insert_lsn() and pg_current_wal_flush_lsn() on a primary to know what the target has flushed",
@@ -451,13 +466,13 @@ impl Worker {
         let committed = progress::load(&client, &key)
             .await
             .map_err(|e| transient("create or read pgcarve.progress", &e))?;
-        let upsert = progress::prepare_upsert(&client)
+        let commit_stmts = prepare_commit_statements(&client)
             .await
             .map_err(|e| transient("prepare progress upsert", &e))?;
         // What an earlier run committed may not be on disk yet: flush it before counting it
         // as durable.
         if let Some(lsn) = committed {
-            force_durable(&client, &upsert, &key, lsn)
+            force_durable(&client, &commit_stmts.upsert, &key, lsn)
                 .await
                 .map_err(|e| transient("flush pgcarve.progress", &e))?;
         }
@@ -470,7 +485,7 @@ impl Worker {
             tables,
             owned: target.tables.clone(),
             stmts: HashMap::new(),
-            upsert,
+            commit_stmts,
             key,
             committed: committed.unwrap_or(Lsn::ZERO),
             durable: committed.unwrap_or(Lsn::ZERO),
@@ -502,7 +517,7 @@ impl Worker {
         self.committed <= self.precise_until && self.precise_until > Lsn::ZERO
     }
 
-    /// The durably committed LSN.
+    /// The committed LSN (at start-up also durable: `prepare` flushes it).
     pub fn committed(&self) -> Lsn {
         self.committed
     }
@@ -622,10 +637,10 @@ impl Worker {
     async fn poll_flush(&mut self) -> Result<(), ApplyError> {
         let row = self
             .client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .query_one(&self.commit_stmts.position, &[])
             .await
             .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
-        let flush = parse_lsn(row.get(0))?;
+        let flush = parse_lsn(row.get(1))?;
         self.advance_durable(flush);
         Ok(())
     }
@@ -642,9 +657,14 @@ impl Worker {
         if self.durable >= self.committed || self.in_txn {
             return Ok(());
         }
-        force_durable(&self.client, &self.upsert, &self.key, self.committed)
-            .await
-            .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
+        force_durable(
+            &self.client,
+            &self.commit_stmts.upsert,
+            &self.key,
+            self.committed,
+        )
+        .await
+        .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
         self.undurable.clear();
         self.advance_to(self.committed);
         Ok(())
@@ -763,7 +783,7 @@ impl Worker {
                 Change::Update { ref rel, .. } | Change::Delete { ref rel, .. } => {
                     self.count(rel, c.operation());
                     self.flush_inserts().await?;
-                    self.pipeline(std::slice::from_ref(&c), lsn).await?;
+                    self.pipeline(&c, lsn).await?;
                 }
             }
         }
@@ -807,77 +827,71 @@ impl Worker {
             });
         }
         for (c, lsn) in &run.rows {
-            self.pipeline(std::slice::from_ref(c), *lsn).await?;
+            self.pipeline(c, *lsn).await?;
         }
         Ok(())
     }
 
-    /// Sends row changes as prepared statements, pipelined: their answers are awaited later
+    /// Sends a row change as a prepared statement, pipelined: its answer is awaited later
     /// (at the latest by [`Worker::drain`]), so single-row transactions do not each wait a
     /// round trip.
-    async fn pipeline(&mut self, changes: &[Change], lsn: Lsn) -> Result<(), Failed> {
-        for c in changes {
-            let p = self.statement_for(c, false).await?;
-            let (rel, new, old, op) = match c {
-                Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
-                Change::Update { rel, old, new } => {
-                    (rel, Some(new), old.as_ref().map(|o| &o.tuple), "update")
+    async fn pipeline(&mut self, c: &Change, lsn: Lsn) -> Result<(), Failed> {
+        let p = self.statement_for(c, false).await?;
+        let (rel, new, old, op) = match c {
+            Change::Insert { rel, new } => (rel, Some(new), None, "insert"),
+            Change::Update { rel, old, new } => {
+                (rel, Some(new), old.as_ref().map(|o| &o.tuple), "update")
+            }
+            Change::Delete { rel, old } => (rel, None, Some(&old.tuple), "delete"),
+            Change::Truncate { .. } => unreachable!("truncates are not pipelined"),
+        };
+        let params = bind(&p.plan, new, old, rel)?;
+        if p.plan.guarded {
+            // Identity values checked, not written: alone, to see the row count.
+            self.drain().await?;
+            let rows = self
+                .client
+                .execute_raw(&p.stmt, params)
+                .await
+                .map_err(|e| Failed {
+                    err: ApplyError::from_pg(&e, &rel.table, op),
+                    lsn: Some(lsn),
+                })?;
+            return match rows {
+                1 => Ok(()),
+                // The source changed an identity value: write it.
+                0 => {
+                    let p = self.statement_for(c, true).await?;
+                    let params = bind(&p.plan, new, old, rel)?;
+                    self.with_identity_override(p, params, rel, op, lsn).await
                 }
-                Change::Delete { rel, old } => (rel, None, Some(&old.tuple), "delete"),
-                Change::Truncate { .. } => unreachable!("truncates are not pipelined"),
+                rows => Err(Failed {
+                    err: ApplyError::Divergence {
+                        table: rel.table.clone(),
+                        operation: op,
+                        rows,
+                    },
+                    lsn: Some(lsn),
+                }),
             };
-            let params = bind(&p.plan, new, old, rel)?;
-            if p.plan.guarded {
-                // Identity values checked, not written: alone, to see the row count.
-                self.drain().await?;
-                let rows = self
-                    .client
-                    .execute_raw(&p.stmt, params)
-                    .await
-                    .map_err(|e| Failed {
-                        err: ApplyError::from_pg(&e, &rel.table, op),
-                        lsn: Some(lsn),
-                    })?;
-                match rows {
-                    1 => continue,
-                    // The source changed an identity value: write it.
-                    0 => {
-                        let p = self.statement_for(c, true).await?;
-                        let params = bind(&p.plan, new, old, rel)?;
-                        self.with_identity_override(p, params, rel, op, lsn).await?;
-                        continue;
-                    }
-                    rows => {
-                        return Err(Failed {
-                            err: ApplyError::Divergence {
-                                table: rel.table.clone(),
-                                operation: op,
-                                rows,
-                            },
-                            lsn: Some(lsn),
-                        })
-                    }
-                }
-            }
-            if !p.plan.identity_override.is_empty() {
-                self.drain().await?;
-                self.with_identity_override(p, params, rel, op, lsn).await?;
-                continue;
-            }
-            let mut fut = flight(self.client.clone(), p, params, rel.clone(), op, lsn);
-            // tokio-postgres sends a request during its future's first poll. Poll each statement
-            // once, here and in order, so the target receives them in source order no matter
-            // when the queue of in-flight futures is polled afterwards.
-            if let Poll::Ready(r) = futures::poll!(&mut fut) {
-                fut = Box::pin(futures::future::ready(r));
-            }
-            self.in_flight.push_back(fut);
-            if self.in_flight.len() >= PIPELINE_DEPTH {
-                if let Some(Err(f)) = self.in_flight.next().await {
-                    // The cause; what follows it only failed because the transaction aborted.
-                    self.in_flight = FuturesOrdered::new();
-                    return Err(f);
-                }
+        }
+        if !p.plan.identity_override.is_empty() {
+            self.drain().await?;
+            return self.with_identity_override(p, params, rel, op, lsn).await;
+        }
+        let mut fut = flight(self.client.clone(), p, params, rel.clone(), op, lsn);
+        // tokio-postgres sends a request during its future's first poll. Poll each statement
+        // once, here and in order, so the target receives them in source order no matter
+        // when the queue of in-flight futures is polled afterwards.
+        if let Poll::Ready(r) = futures::poll!(&mut fut) {
+            fut = Box::pin(futures::future::ready(r));
+        }
+        self.in_flight.push_back(fut);
+        if self.in_flight.len() >= PIPELINE_DEPTH {
+            if let Some(Err(f)) = self.in_flight.next().await {
+                // The cause; what follows it only failed because the transaction aborted.
+                self.in_flight = FuturesOrdered::new();
+                return Err(f);
             }
         }
         Ok(())
@@ -1108,13 +1122,11 @@ impl Worker {
         let lsn = self.group_end.to_string();
         let params: [&(dyn ToSql + Sync); 4] =
             [&self.key.system_id, &self.key.slot, &self.key.target, &lsn];
-        let progress = self.client.execute(&self.upsert, &params);
+        let progress = self.client.execute(&self.commit_stmts.upsert, &params);
         let commit = self.client.batch_execute("COMMIT");
-        // Sent after COMMIT: the insert position is past its commit record.
-        let position = self.client.query_one(
-            "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-            &[],
-        );
+        // Sent after COMMIT (prepared: no extra round trip): the insert position is past its
+        // commit record.
+        let position = self.client.query_one(&self.commit_stmts.position, &[]);
         let (p, c, pos) = futures::join!(progress, commit, position);
         let progress_table = TableName {
             schema: "pgcarve".into(),
@@ -1239,10 +1251,10 @@ impl Worker {
         let conn_err = |e: tokio_postgres::Error| ApplyError::Connection(safe_pg_error(&e));
         // A new connection replaces the old one only once the progress row is read from it,
         // so `committed` never outlives a failed reload.
-        let (client, upsert) = if self.client.is_closed() {
+        let (client, commit_stmts) = if self.client.is_closed() {
             let client = Arc::new(connect(&self.conn, &self.tls).await.map_err(conn_err)?);
-            let upsert = progress::prepare_upsert(&client).await.map_err(conn_err)?;
-            (client, Some(upsert))
+            let stmts = prepare_commit_statements(&client).await.map_err(conn_err)?;
+            (client, Some(stmts))
         } else {
             (self.client.clone(), None)
         };
@@ -1261,9 +1273,9 @@ impl Worker {
         }
         self.tables = tables;
         self.stmts.clear();
-        if let Some(upsert) = upsert {
+        if let Some(stmts) = commit_stmts {
             self.client = client;
-            self.upsert = upsert;
+            self.commit_stmts = stmts;
         }
         // Ahead: a COMMIT whose answer was lost did succeed. Behind what was durable: the
         // target lost what it had on disk; never skip past that silently. Between the two: a

@@ -510,13 +510,18 @@ mod tests {
         }
     }
 
+    /// `tt` with `col` a `GENERATED ALWAYS` identity column.
+    fn with_identity_always(mut tt: TargetTable, col: &str) -> TargetTable {
+        tt.columns.get_mut(col).expect("column").identity_always = true;
+        tt.has_identity_always = true;
+        tt
+    }
+
     #[test]
     fn identity_always_columns_are_skipped_when_unchanged_and_overridden_otherwise() {
         use bytes::Bytes;
         let r = rel(ReplicaIdentity::Full, &[("id", false), ("v", false)]);
-        let mut tt = target(&["id", "v"]);
-        tt.columns.get_mut("id").unwrap().identity_always = true;
-        tt.has_identity_always = true;
+        let tt = with_identity_always(target(&["id", "v"]), "id");
         let t = |a: &'static str, b: &'static str| {
             Tuple(vec![
                 Value::Text(Bytes::from_static(a.as_bytes())),
@@ -541,9 +546,7 @@ mod tests {
         use bytes::Bytes;
         // `UPDATE notes SET body = body` with a TOASTed body: the new tuple is (id, unchanged).
         let r = rel(ReplicaIdentity::Default, &[("id", true), ("body", false)]);
-        let mut tt = target(&["id", "body"]);
-        tt.columns.get_mut("id").unwrap().identity_always = true;
-        tt.has_identity_always = true;
+        let tt = with_identity_always(target(&["id", "body"]), "id");
         let new = Tuple(vec![
             Value::Text(Bytes::from_static(b"1")),
             Value::Unchanged,
@@ -564,9 +567,7 @@ mod tests {
             ReplicaIdentity::Default,
             &[("k", true), ("n", false), ("v", false)],
         );
-        let mut tt = target(&["k", "n", "v"]);
-        tt.columns.get_mut("n").unwrap().identity_always = true;
-        tt.has_identity_always = true;
+        let tt = with_identity_always(target(&["k", "n", "v"]), "n");
         let p = update(&r, &tt, false, None, None, true).unwrap();
         assert!(p.guarded && p.identity_override.is_empty(), "{}", p.sql);
         assert_eq!(

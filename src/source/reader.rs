@@ -91,16 +91,30 @@ impl TargetLink {
     }
 }
 
+/// What the open transaction means for one target, decided at its Begin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Its changes are collected and sent.
+    Send,
+    /// The target already has this transaction (it ends before what it holds).
+    Held,
+    /// The target is not taking changes: if the transaction has changes for it, it misses them
+    /// and must hold the slot before them until it has them.
+    NotTaking,
+}
+
+/// The open transaction's part for one target.
+struct TxnPart {
+    route: Route,
+    /// Changes not yet sent.
+    buf: Vec<Change>,
+    /// The transaction has changes for this target (sent, buffered or missed).
+    seen: bool,
+}
+
 struct OpenTxn {
     xact: XactInfo,
-    bufs: Vec<Vec<Change>>,
-    sent: Vec<bool>,
-    skip: Vec<bool>,
-    /// Skipped because the target was not taking changes (rather than because it has them).
-    not_taking: Vec<bool>,
-    /// A change for the target was skipped because it was not taking changes: it misses
-    /// this transaction and must hold the slot before it until it has it.
-    missed: Vec<bool>,
+    parts: Vec<TxnPart>,
 }
 
 enum StreamEnd {
@@ -285,7 +299,7 @@ impl Reader {
             overall = overall.max(lag);
         }
         if let Some(open) = &self.open {
-            if open.skip.iter().any(|s| !s) {
+            if open.parts.iter().any(|p| p.route == Route::Send) {
                 overall = overall.max(((now - open.xact.commit_time) as f64 / 1e6).max(0.0));
             }
         }
@@ -416,17 +430,20 @@ impl Reader {
     async fn route(&mut self, conn: &mut ReplicationConn, msg: Message) -> Result<(), ReaderError> {
         match msg {
             Message::Begin(b) => {
-                let n = self.links.len();
-                let not_taking: Vec<bool> = self
+                let parts = self
                     .links
                     .iter()
-                    .map(|l| !l.status.borrow().accepts_changes())
-                    .collect();
-                let skip = self
-                    .links
-                    .iter()
-                    .zip(&not_taking)
-                    .map(|(l, &not_taking)| not_taking || b.final_lsn < l.skip_below)
+                    .map(|l| TxnPart {
+                        route: if !l.status.borrow().accepts_changes() {
+                            Route::NotTaking
+                        } else if b.final_lsn < l.skip_below {
+                            Route::Held
+                        } else {
+                            Route::Send
+                        },
+                        buf: Vec::new(),
+                        seen: false,
+                    })
                     .collect();
                 self.idle_wal_end = None;
                 self.open = Some(OpenTxn {
@@ -435,11 +452,7 @@ impl Reader {
                         commit_time: b.commit_time,
                         xid: b.xid,
                     },
-                    bufs: vec![Vec::new(); n],
-                    sent: vec![false; n],
-                    skip,
-                    not_taking,
-                    missed: vec![false; n],
+                    parts,
                 });
             }
             Message::Commit(c) => {
@@ -447,16 +460,12 @@ impl Reader {
                     .open
                     .take()
                     .ok_or_else(|| ReaderError::Stream("Commit without Begin".into()))?;
-                let OpenTxn {
-                    xact,
-                    mut bufs,
-                    sent,
-                    skip,
-                    missed,
-                    ..
-                } = open;
-                for i in 0..self.links.len() {
-                    if missed[i] {
+                let OpenTxn { xact, parts } = open;
+                for (i, part) in parts.into_iter().enumerate() {
+                    if !part.seen || part.route == Route::Held {
+                        continue;
+                    }
+                    if part.route == Route::NotTaking {
                         // Not sent, yet the target needs it: it stays pending (and lagging)
                         // at what it has, even once it takes changes again, until a barrier
                         // restarts the stream from what it has.
@@ -465,13 +474,9 @@ impl Reader {
                         l.in_flight.push_back((c.end_lsn, xact.commit_time));
                         continue;
                     }
-                    if skip[i] || (!sent[i] && bufs[i].is_empty()) {
-                        continue;
-                    }
-                    let changes = std::mem::take(&mut bufs[i]);
                     let msg = ApplyMsg::Chunk {
                         xact,
-                        changes,
+                        changes: part.buf,
                         commit: Some(CommitInfo { end_lsn: c.end_lsn }),
                     };
                     self.send(conn, i, msg).await?;
@@ -601,16 +606,14 @@ impl Reader {
             .open
             .as_mut()
             .ok_or_else(|| ReaderError::Stream("row change outside a transaction".into()))?;
-        if open.skip[i] {
-            if open.not_taking[i] {
-                open.missed[i] = true;
-            }
+        let part = &mut open.parts[i];
+        part.seen = true;
+        if part.route != Route::Send {
             return Ok(());
         }
-        open.bufs[i].push(change);
-        if open.bufs[i].len() >= chunk_size {
-            let changes = std::mem::replace(&mut open.bufs[i], Vec::with_capacity(chunk_size));
-            open.sent[i] = true;
+        part.buf.push(change);
+        if part.buf.len() >= chunk_size {
+            let changes = std::mem::replace(&mut part.buf, Vec::with_capacity(chunk_size));
             let xact = open.xact;
             self.send(
                 conn,
