@@ -35,6 +35,18 @@ async fn strict_and_other() -> Env {
     env
 }
 
+/// One target "t" owning `patients`, the daemon streaming, and one row applied there.
+async fn one_target_with_a_row() -> (Env, crate::common::Daemon, tokio_postgres::Client) {
+    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_equal("t", "patients").await;
+    (env, daemon, src)
+}
+
 /// Ends the walsender serving `slot`, so the daemon reconnects (a barrier).
 async fn drop_source_connection(src: &tokio_postgres::Client, slot: &str) {
     src.batch_execute(&format!(
@@ -155,13 +167,7 @@ async fn rejected_row_stalls_only_its_target_until_fixed() {
 
 #[tokio::test]
 async fn lost_source_and_target_connections_reconnect_and_resume() {
-    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = env.start().await;
-    let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
-        .await
-        .unwrap();
-    env.wait_equal("t", "patients").await;
+    let (env, daemon, src) = one_target_with_a_row().await;
 
     // Kill the walsender serving our slot.
     src.execute(
@@ -176,7 +182,7 @@ async fn lost_source_and_target_connections_reconnect_and_resume() {
     env.wait_equal("t", "patients").await;
 
     // Kill the target's apply connection.
-    let (_, db, _) = &env.targets[0];
+    let db = &env.targets[0].db;
     env.target("t")
         .await
         .execute(
@@ -198,14 +204,7 @@ async fn lost_source_and_target_connections_reconnect_and_resume() {
 
 #[tokio::test]
 async fn missing_slot_with_progress_refuses_to_start() {
-    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = env.start().await;
-    env.source()
-        .await
-        .batch_execute("INSERT INTO patients VALUES (1, 'a')")
-        .await
-        .unwrap();
-    env.wait_equal("t", "patients").await;
+    let (env, daemon, _) = one_target_with_a_row().await;
     daemon.stop().await;
     env.source()
         .await
@@ -260,13 +259,7 @@ async fn a_publication_filtering_rows_or_columns_is_refused() {
 
 #[tokio::test]
 async fn a_target_whose_progress_goes_back_stalls_instead_of_skipping() {
-    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = env.start().await;
-    let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
-        .await
-        .unwrap();
-    env.wait_equal("t", "patients").await;
+    let (env, daemon, src) = one_target_with_a_row().await;
     // Until the target has flushed that commit, losing it would be a crash losing an
     // asynchronous commit, which pgcarve repairs from the slot. Wait until it is durable.
     wait_until("the commit durable", Duration::from_secs(30), || async {
@@ -325,64 +318,23 @@ async fn a_target_crash_loses_no_committed_change() {
     // are lost, so are asynchronous commits in them) and restarted in the middle of a stream.
     let mut own = pgcarve::localpg::Cluster::start(&pgcarve::localpg::ClusterOptions::default())
         .expect("start own target cluster");
-    let c = crate::common::clusters();
-    let src_db = crate::common::fresh_db(&c.source, "crashsrc").await;
-    let dst_db = crate::common::fresh_db(&own, "crashdst").await;
-    let src = crate::common::connect(&c.source.url(&src_db)).await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    crate::common::connect(&own.url(&dst_db))
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .unwrap();
-    let slot = crate::common::unique("crash");
-    let config = format!(
-        "[source]\nurl = {:?}\nslot = {slot:?}\npublication = {slot:?}\n\n[metrics]\nlisten = \"\"\n\n\
-         [apply]\nretry_initial_secs = 0.2\nretry_max_secs = 1.0\n\n\
-         [targets.t]\nurl = {:?}\ntables = [\"patients\"]\n",
-        c.source.url(&src_db),
-        own.url(&dst_db)
-    );
-    let daemon = crate::common::start_daemon(&config);
-    // Rows committed before the slot's consistent point are not the daemon's to stream.
-    wait_until("the slot", Duration::from_secs(60), || async {
-        src.query_opt(pgcarve::source::catalog::SLOT_STREAMING_SQL, &[&slot])
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-    let mut next = 1i64;
-    let mut write = |n: usize| {
-        let sql: String = (0..n)
-            .map(|_| {
-                next += 1;
-                format!("INSERT INTO patients VALUES ({}, 'p');", next)
-            })
-            .collect();
-        sql
-    };
+    let env = Env::on_cluster(SCHEMA, &[("t", &["patients"])], &own).await;
+    let daemon = env.start().await;
+    let src = env.source().await;
     // Single-row transactions, so many commits are in flight around each crash.
-    for _ in 0..3 {
-        for stmt in write(200).split_inclusive(';') {
-            src.batch_execute(stmt).await.unwrap();
+    let mut next = 0i64;
+    for round in 0..4 {
+        for _ in 0..200 {
+            next += 1;
+            src.execute("INSERT INTO patients VALUES ($1, 'p')", &[&next])
+                .await
+                .unwrap();
         }
-        own.crash_and_restart().expect("restart the target");
+        if round < 3 {
+            own.crash_and_restart().expect("restart the target");
+        }
     }
-    for stmt in write(200).split_inclusive(';') {
-        src.batch_execute(stmt).await.unwrap();
-    }
-    let dst = crate::common::connect(&own.url(&dst_db)).await;
-    wait_until(
-        "the target to hold every row",
-        Duration::from_secs(60),
-        || async {
-            let a = crate::common::table_rows(&src, "patients").await;
-            let b = crate::common::table_rows(&dst, "patients").await;
-            a == b
-        },
-    )
-    .await;
+    env.wait_equal("t", "patients").await;
     // And its progress is where the source is.
     wait_until(
         "the target's progress durable",
@@ -458,13 +410,7 @@ async fn a_retrying_target_still_holds_what_it_missed_while_stalled() {
 
 #[tokio::test]
 async fn a_column_added_on_the_source_stalls_until_added_on_the_target() {
-    let env = Env::new(SCHEMA, &[("t", &["patients"])]).await;
-    let daemon = env.start().await;
-    let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
-        .await
-        .unwrap();
-    env.wait_equal("t", "patients").await;
+    let (env, daemon, src) = one_target_with_a_row().await;
     // DDL is not replicated: the new column stalls the target, naming it.
     src.batch_execute(
         "ALTER TABLE patients ADD COLUMN note text;

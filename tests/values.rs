@@ -44,7 +44,7 @@ async fn values_round_trip_exactly() {
         .unwrap();
     env.target("svc")
         .await
-        .batch_execute(&zone.replace("{}", &env.targets[0].1))
+        .batch_execute(&zone.replace("{}", &env.targets[0].db))
         .await
         .unwrap();
     let daemon = env.start().await;

@@ -160,19 +160,41 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// One service database of an [`Env`].
+pub struct EnvTarget {
+    /// Target name in the config.
+    pub name: String,
+    /// Database name.
+    pub db: String,
+    /// Its URL.
+    pub url: String,
+    /// Tables it owns.
+    pub tables: Vec<String>,
+}
+
 /// A source database and target databases with the same schema, and a config routing tables.
 pub struct Env {
     /// Source database name.
     pub source_db: String,
-    /// (target name, database name, tables).
-    pub targets: Vec<(String, String, Vec<String>)>,
+    /// The service databases.
+    pub targets: Vec<EnvTarget>,
     /// Slot and publication name.
     pub slot: String,
 }
 
 impl Env {
-    /// Creates the databases and runs `schema` on the source and on every target.
+    /// Creates the databases and runs `schema` on the source and on every target (in the
+    /// shared target cluster).
     pub async fn new(schema: &str, targets: &[(&str, &[&str])]) -> Env {
+        Env::on_cluster(schema, targets, &clusters().target).await
+    }
+
+    /// As [`Env::new`], with the target databases in `target_cluster`.
+    pub async fn on_cluster(
+        schema: &str,
+        targets: &[(&str, &[&str])],
+        target_cluster: &Cluster,
+    ) -> Env {
         let c = clusters();
         let source_db = fresh_db(&c.source, "src").await;
         connect(&c.source.url(&source_db))
@@ -182,17 +204,19 @@ impl Env {
             .expect("source schema");
         let mut out = Vec::new();
         for (name, tables) in targets {
-            let db = fresh_db(&c.target, name).await;
-            connect(&c.target.url(&db))
+            let db = fresh_db(target_cluster, name).await;
+            let url = target_cluster.url(&db);
+            connect(&url)
                 .await
                 .batch_execute(schema)
                 .await
                 .expect("target schema");
-            out.push((
-                name.to_string(),
+            out.push(EnvTarget {
+                name: name.to_string(),
                 db,
-                tables.iter().map(|t| t.to_string()).collect(),
-            ));
+                url,
+                tables: tables.iter().map(|t| t.to_string()).collect(),
+            });
         }
         Env {
             source_db,
@@ -227,18 +251,16 @@ impl Env {
 
     /// The daemon config for this environment.
     pub fn config(&self) -> String {
-        let c = clusters();
         let mut s = format!(
             "[source]\nurl = {:?}\nslot = {:?}\npublication = {:?}\n\n[metrics]\nlisten = \"\"\n\n[apply]\nretry_initial_secs = 0.2\nretry_max_secs = 1.0\n",
-            c.source.url(&self.source_db),
+            clusters().source.url(&self.source_db),
             self.slot,
             self.slot
         );
-        for (name, db, tables) in &self.targets {
+        for t in &self.targets {
             s.push_str(&format!(
-                "\n[targets.{name}]\nurl = {:?}\ntables = {:?}\n",
-                c.target.url(db),
-                tables
+                "\n[targets.{}]\nurl = {:?}\ntables = {:?}\n",
+                t.name, t.url, t.tables
             ));
         }
         s
@@ -251,12 +273,12 @@ impl Env {
 
     /// A client on a target database.
     pub async fn target(&self, name: &str) -> Client {
-        let (_, db, _) = self
+        let t = self
             .targets
             .iter()
-            .find(|(n, _, _)| n == name)
+            .find(|t| t.name == name)
             .expect("target name");
-        connect(&clusters().target.url(db)).await
+        connect(&t.url).await
     }
 
     /// Waits until `table` on target `name` equals the source's.
