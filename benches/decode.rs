@@ -6,7 +6,7 @@ use std::hint::black_box;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgcarve::lsn::Lsn;
-use pgcarve::source::pgoutput::{
+use pgcarve::pgoutput::{
     decode, encode, Begin, Column, Commit, Insert, Message, OldKind, OldTuple, Relation,
     ReplicaIdentity, Tuple, Update, Value,
 };

@@ -3,7 +3,6 @@
 //! connects anywhere.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +10,7 @@ use serde::Deserialize;
 
 use crate::conninfo::ConnInfo;
 use crate::secret;
+use crate::table::TableName;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -139,46 +139,6 @@ pub fn default_threads() -> usize {
 }
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
-}
-
-/// A table name: schema and relation name as stored in the catalog.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableName {
-    /// Schema (namespace).
-    pub schema: String,
-    /// Relation name.
-    pub name: String,
-}
-
-impl TableName {
-    /// Parses `schema.table` or `table` (schema `public`).
-    pub fn parse(s: &str) -> Option<TableName> {
-        let s = s.trim();
-        let (schema, name) = match s.split_once('.') {
-            Some((a, b)) => (a, b),
-            None => ("public", s),
-        };
-        let ok = |p: &str| !p.is_empty() && !p.contains('.') && !p.contains('"');
-        (ok(schema) && ok(name)).then(|| TableName {
-            schema: schema.into(),
-            name: name.into(),
-        })
-    }
-
-    /// `"schema"."name"`, quoted for SQL.
-    pub fn quoted(&self) -> String {
-        format!(
-            "{}.{}",
-            crate::source::conn::quote_ident(&self.schema),
-            crate::source::conn::quote_ident(&self.name)
-        )
-    }
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
 }
 
 /// A configuration that cannot be used: every problem, one per line.

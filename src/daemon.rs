@@ -12,15 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::progress::ProgressKey;
-use crate::apply::{safe_pg_error, StartError, TargetState, TargetStatus, Worker};
+use crate::apply::{StartError, Worker};
 use crate::config::{Config, Settings};
 use crate::health::Health;
+use crate::link::{TargetState, TargetStatus};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::pg::safe_pg_error;
 use crate::route::Router;
 use crate::source::catalog;
 use crate::source::conn::ReplicationConn;
@@ -72,21 +73,6 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-async fn source_client(
-    settings: &Settings,
-    tls: &TlsConnector,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = settings
-        .source
-        .to_tokio_config()
-        .connect(tls.clone())
-        .await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
 }
 
 /// Retries `f` with backoff while it fails transiently; gives up on shutdown.
@@ -153,13 +139,15 @@ async fn run_inner(
 
     // 1. The source.
     let Some(client) = with_retry("connect to source", shutdown, || async {
-        source_client(settings, &tls).await.map_err(|e| {
-            format!(
-                "{}: {}",
-                settings.source.display_target(),
-                safe_pg_error(&e)
-            )
-        })
+        crate::pg::connect(&settings.source, &tls)
+            .await
+            .map_err(|e| {
+                format!(
+                    "{}: {}",
+                    settings.source.display_target(),
+                    safe_pg_error(&e)
+                )
+            })
     })
     .await
     else {
@@ -293,7 +281,7 @@ async fn run_inner(
     let mut links = Vec::new();
     let mut tasks = Vec::new();
     for (name, worker, _, status_rx) in prepared {
-        let (tx, rx) = crate::queue::channel(settings.apply.queue_changes);
+        let (tx, rx) = crate::link::queue::channel(settings.apply.queue_changes);
         let committed = worker.committed();
         tracing::info!(target_name = %name, committed = %committed, "target ready");
         tasks.push(worker.spawn(rx));

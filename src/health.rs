@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::apply::{TargetState, TargetStatus};
+use crate::link::{TargetState, TargetStatus};
 use crate::lsn::Lsn;
-use crate::source::reader::TargetLink;
 
 /// How long the source may be unreachable before /health says `failed`.
 pub const SOURCE_GRACE: Duration = Duration::from_secs(60);
@@ -100,13 +99,9 @@ impl Health {
         });
     }
 
-    /// Copies the targets' published status.
-    pub fn set_targets(&self, links: &[TargetLink]) {
-        let t = links
-            .iter()
-            .map(|l| (l.name.clone(), l.status.borrow().clone()))
-            .collect();
-        self.with(|s| s.targets = t);
+    /// Copies the targets' published status: (target name, status) in configuration order.
+    pub fn set_targets(&self, targets: Vec<(String, TargetStatus)>) {
+        self.with(|s| s.targets = targets);
     }
 
     /// Status code and JSON body for /health.
@@ -127,7 +122,7 @@ impl Health {
                 let (state, extra) = match &t.state {
                     TargetState::Starting => ("starting", json!(null)),
                     TargetState::Streaming => ("streaming", json!(null)),
-                    TargetState::Failed { attempts, retry_ready, error } => (
+                    TargetState::Stalled { attempts, retry_ready, error } => (
                         "retrying",
                         json!({"attempts": attempts, "retry_ready": retry_ready, "error": error}),
                     ),
@@ -163,7 +158,7 @@ mod tests {
             verdict("starting", false, Some(Duration::from_secs(1)), false, &ok),
             "degraded"
         );
-        let retrying = [TargetState::Failed {
+        let retrying = [TargetState::Stalled {
             attempts: 1,
             retry_ready: false,
             error: String::new(),

@@ -9,7 +9,6 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apply;
-pub mod change;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
@@ -17,11 +16,14 @@ pub mod daemon;
 pub mod demo;
 pub mod health;
 pub mod http;
+pub mod link;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
-pub mod queue;
+pub mod pg;
+pub mod pgoutput;
 pub mod route;
 pub mod secret;
 pub mod source;
+pub mod table;
 pub mod tls;

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use crate::config::{TableName, Target};
+use crate::config::Target;
+use crate::table::TableName;
 
 /// Index of a target in the configuration's (name-ordered) target list.
 pub type TargetIdx = usize;

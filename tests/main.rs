@@ -4,6 +4,7 @@ mod auth_tls;
 mod common;
 mod crash;
 mod failure;
+mod layering;
 mod message_kinds;
 mod replication_conn;
 mod streaming;

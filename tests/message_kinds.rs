@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use pgcarve::conninfo::ConnInfo;
 use pgcarve::lsn::Lsn;
+use pgcarve::pgoutput::{self, Message, OldKind, Value};
 use pgcarve::source::conn::ReplicationConn;
-use pgcarve::source::pgoutput::{self, Message, OldKind, Value};
 use pgcarve::source::protocol::{parse_server_message, ServerMessage};
 use pgcarve::tls::TlsConnector;
 

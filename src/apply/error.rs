@@ -2,7 +2,8 @@
 //! never DETAIL, never a server message (both can quote row values), never a value.
 
 use crate::apply::statements::PlanError;
-use crate::config::TableName;
+use crate::pg::sqlstate_name;
+use crate::table::TableName;
 
 /// Why applying a change failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -99,38 +100,6 @@ impl ApplyError {
             ApplyError::Rejected { sqlstate, .. } => Some(sqlstate),
             _ => None,
         }
-    }
-}
-
-/// A short name for common SQLSTATEs, so a log line says what happened without the message.
-pub fn sqlstate_name(code: &str) -> &'static str {
-    match code {
-        "428C9" => "generated_always",
-        "55006" => "object_in_use",
-        "23502" => "not_null_violation",
-        "23503" => "foreign_key_violation",
-        "23505" => "unique_violation",
-        "23514" => "check_violation",
-        "23P01" => "exclusion_violation",
-        "22P02" => "invalid_text_representation",
-        "22001" => "string_data_right_truncation",
-        "22003" => "numeric_value_out_of_range",
-        "22007" => "invalid_datetime_format",
-        "22008" => "datetime_field_overflow",
-        "22P05" => "untranslatable_character",
-        "42P01" => "undefined_table",
-        "42703" => "undefined_column",
-        "42804" => "datatype_mismatch",
-        "42883" => "undefined_function",
-        "42501" => "insufficient_privilege",
-        "40001" => "serialization_failure",
-        "40P01" => "deadlock_detected",
-        "25P02" => "in_failed_sql_transaction",
-        "57014" => "query_canceled",
-        "57P01" => "admin_shutdown",
-        "53100" => "disk_full",
-        "53300" => "too_many_connections",
-        _ => "see PostgreSQL Appendix A",
     }
 }
 

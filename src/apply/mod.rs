@@ -38,12 +38,15 @@ use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 
-use crate::change::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
-use crate::config::{ApplyConfig, TableName, Target};
+use crate::config::{ApplyConfig, Target};
 use crate::conninfo::ConnInfo;
+use crate::link::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
+use crate::link::{TargetState, TargetStatus};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::source::pgoutput::{Tuple, Value};
+use crate::pg::safe_pg_error;
+use crate::pgoutput::{Tuple, Value};
+use crate::table::TableName;
 use crate::tls::TlsConnector;
 
 pub use error::ApplyError;
@@ -123,40 +126,6 @@ struct InsertRun {
 
 /// One pipelined row statement awaiting its answer.
 type Flight = Pin<Box<dyn Future<Output = Result<(), Failed>> + Send>>;
-
-/// What a target is doing, as the reader and /health see it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TargetState {
-    /// Connecting and loading its catalog.
-    Starting,
-    /// Applying.
-    Streaming,
-    /// A change was rejected or the connection failed; waiting to retry.
-    Failed {
-        /// Consecutive failed attempts.
-        attempts: u32,
-        /// The backoff has elapsed: restart the stream to retry.
-        retry_ready: bool,
-        /// What went wrong (value-free).
-        error: String,
-    },
-}
-
-/// Published by each apply task.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TargetStatus {
-    /// End LSN of the last source transaction durably committed here.
-    pub committed: Lsn,
-    /// Current state.
-    pub state: TargetState,
-}
-
-impl TargetStatus {
-    /// Whether the reader should send changes to this target.
-    pub fn accepts_changes(&self) -> bool {
-        self.state == TargetState::Streaming
-    }
-}
 
 /// A value bound as text, so the target's input function parses exactly what the source's
 /// output function wrote. `Debug` shows only whether it is NULL and its length.
@@ -267,34 +236,8 @@ pub struct Worker {
     group_last: Lsn,
 }
 
-/// Renders a tokio-postgres error without DETAIL or the server message.
-pub fn safe_pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "SQLSTATE {} ({})",
-            db.code().code(),
-            error::sqlstate_name(db.code().code())
-        ),
-        // Not a server error (I/O, TLS, closed): no row data, and the cause is what an operator
-        // needs, so follow the source chain that tokio-postgres' Display leaves out.
-        None => {
-            let mut text = e.to_string();
-            let mut cause = std::error::Error::source(e);
-            while let Some(c) = cause {
-                text.push_str(": ");
-                text.push_str(&c.to_string());
-                cause = c.source();
-            }
-            text
-        }
-    }
-}
-
 async fn connect(conn: &ConnInfo, tls: &TlsConnector) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = conn.to_tokio_config().connect(tls.clone()).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = crate::pg::connect(conn, tls).await?;
     client
         .batch_execute(
             // Commits need not wait for the disk: the slot is confirmed only up to what the
@@ -537,13 +480,13 @@ impl Worker {
 
     /// Starts the apply task. The target takes changes from now on: it says so before the
     /// task first runs, so the reader can never see a transaction begin while it is Starting.
-    pub fn spawn(self, rx: crate::queue::QueueRx) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(self, rx: crate::link::queue::QueueRx) -> tokio::task::JoinHandle<()> {
         self.publish(TargetState::Streaming);
         tokio::spawn(self.run(rx))
     }
 
     /// Runs until the channel closes (the reader is gone).
-    async fn run(mut self, mut rx: crate::queue::QueueRx) {
+    async fn run(mut self, mut rx: crate::link::queue::QueueRx) {
         let mut carry: Option<ApplyMsg> = None;
         let mut idle_polls = 0u32;
         loop {
@@ -1161,7 +1104,12 @@ impl Worker {
 
     /// The failed state: roll back, report, discard changes, and wait for the backoff and a
     /// barrier before applying again.
-    async fn fail(&mut self, err: ApplyError, lsn: Option<Lsn>, rx: &mut crate::queue::QueueRx) {
+    async fn fail(
+        &mut self,
+        err: ApplyError,
+        lsn: Option<Lsn>,
+        rx: &mut crate::link::queue::QueueRx,
+    ) {
         self.rollback().await;
         self.precise_until = self
             .precise_until
@@ -1201,7 +1149,7 @@ impl Worker {
                 "apply failed; target stalled, other targets continue: {}",
                 err
             );
-            self.publish(TargetState::Failed {
+            self.publish(TargetState::Stalled {
                 attempts,
                 retry_ready: false,
                 error: err.to_string(),
@@ -1230,7 +1178,7 @@ impl Worker {
                     },
                     _ = tokio::time::sleep_until(retry_at), if !ready => {
                         ready = true;
-                        self.publish(TargetState::Failed {
+                        self.publish(TargetState::Stalled {
                             attempts,
                             retry_ready: true,
                             error: err.to_string(),

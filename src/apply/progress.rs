@@ -52,37 +52,6 @@ pub async fn load(
     Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
 }
 
-/// Whether this target database holds any progress row for `slot` (any source), and for which
-/// target names: used to refuse starting when the slot is gone.
-pub async fn rows_for_slot(
-    client: &Client,
-    slot: &str,
-) -> Result<Vec<(String, String, Lsn)>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgcarve.progress') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(
-            "SELECT system_id, target, lsn::text FROM pgcarve.progress WHERE slot = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2).parse().unwrap_or(Lsn::ZERO),
-            )
-        })
-        .collect())
-}
-
 /// Prepares the upsert.
 pub async fn prepare_upsert(client: &Client) -> Result<Statement, tokio_postgres::Error> {
     client.prepare(UPSERT_SQL).await

@@ -23,9 +23,9 @@
 use bytes::BytesMut;
 use std::collections::HashMap;
 
-use crate::config::TableName;
-use crate::source::conn::quote_ident;
-use crate::source::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
+use crate::pg::quote_ident;
+use crate::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
+use crate::table::TableName;
 
 /// A column of a target table.
 #[derive(Debug, Clone)]
@@ -318,7 +318,7 @@ pub fn update(
     let mut identity_override = Vec::new();
     let mut guards = Vec::new();
     // An old value is known for every column with RI FULL, for key columns with an old key.
-    let old_known = |c: &crate::source::pgoutput::Column| {
+    let old_known = |c: &crate::pgoutput::Column| {
         has_old && (rel.replica_identity == ReplicaIdentity::Full || c.is_key())
     };
     // Without an old key the key did not change: leave key columns out of SET (they may be
@@ -422,7 +422,7 @@ pub fn truncate(tables: &[(TableName, bool)], restart_identity: bool) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::pgoutput::Column;
+    use crate::pgoutput::Column;
 
     /// COPY text format's reading of a field, as the server does it for our escapes.
     fn copy_unescape(field: &[u8]) -> Vec<u8> {

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::config::TableName;
 use crate::lsn::Lsn;
-use crate::source::conn::quote_ident;
+use crate::pg::quote_ident;
+use crate::table::TableName;
 
 /// What the source told us at start-up.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct SlotInfo {
 }
 
 fn db_err(what: &str, e: &tokio_postgres::Error) -> String {
-    format!("source: {what}: {}", crate::apply::safe_pg_error(e))
+    format!("source: {what}: {}", crate::pg::safe_pg_error(e))
 }
 
 /// Checks the source and the routed tables, collecting every problem.

@@ -26,6 +26,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::conninfo::{ConnInfo, Host, SslMode};
 use crate::lsn::Lsn;
+use crate::pg::{message_is_safe, quote_ident, quote_literal, sqlstate_name};
 use crate::tls::{TlsConnector, TlsStream};
 
 /// Largest backend message we accept; a bigger length means a corrupt stream.
@@ -551,11 +552,6 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ConnError> {
     Ok(row)
 }
 
-/// SQLSTATE classes whose messages name things (roles, databases, slots, WAL segments,
-/// settings) rather than quote data: connection, authorization, catalog objects, resources,
-/// object state, operator intervention, system errors, unsupported features.
-const NAMING_CLASSES: &[&str] = &["08", "28", "3D", "42", "53", "55", "57", "58", "0A"];
-
 /// Builds a [`ConnError::Server`] from an ErrorResponse body: SQLSTATE and primary message only,
 /// and the message only for SQLSTATE classes that do not quote data. Errors raised while the
 /// server decodes (encoding conversion, an output function, an internal error) may carry bytes
@@ -577,34 +573,18 @@ fn server_error(body: &Bytes) -> ConnError {
             _ => {}
         }
     }
-    if !NAMING_CLASSES.iter().any(|c| code.starts_with(c)) {
+    if !message_is_safe(&code) {
         message = format!(
             "{} (message withheld: it may quote row data)",
-            crate::apply::error::sqlstate_name(&code)
+            sqlstate_name(&code)
         );
     }
     ConnError::Server { code, message }
 }
 
-/// Quotes an identifier for SQL and replication commands.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-    }
 
     #[test]
     fn error_response_keeps_code_and_message_only() {

@@ -14,7 +14,6 @@
 
 pub mod catalog;
 pub mod conn;
-pub mod pgoutput;
 pub mod protocol;
 pub mod reader;
 

@@ -18,8 +18,7 @@ pub const TAG_STATUS_UPDATE: u8 = b'r';
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01 00:00:00 UTC.
 const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
 
-/// Microseconds since 2000-01-01 UTC, PostgreSQL's timestamp representation.
-pub type PgTimestamp = i64;
+pub use crate::pgoutput::PgTimestamp;
 
 /// The current time as a PostgreSQL timestamp.
 pub fn pg_now() -> PgTimestamp {

@@ -23,17 +23,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::TargetStatus;
-use crate::change::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
-use crate::config::{Settings, TableName};
+use crate::config::Settings;
 use crate::health::Health;
+use crate::link::TargetStatus;
+use crate::link::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
+use crate::pg::quote_ident;
+use crate::pgoutput::{self, Message};
 use crate::route::Router;
-use crate::source::conn::{quote_ident, ConnError, ReplicationConn};
-use crate::source::pgoutput::{self, Message};
+use crate::source::conn::{ConnError, ReplicationConn};
 use crate::source::protocol::{self, PgTimestamp, ServerMessage};
 use crate::source::{confirmable, TargetPosition};
+use crate::table::TableName;
 use crate::tls::TlsConnector;
 
 /// Send a status update at least this often, even when nothing changed.
@@ -63,7 +65,7 @@ pub struct TargetLink {
     /// Target name.
     pub name: String,
     /// Channel to the apply task.
-    pub tx: crate::queue::QueueTx,
+    pub tx: crate::link::queue::QueueTx,
     /// The apply task's published status.
     pub status: watch::Receiver<TargetStatus>,
     dispatched: Lsn,
@@ -76,7 +78,7 @@ impl TargetLink {
     /// Links a target whose progress is `committed`.
     pub fn new(
         name: String,
-        tx: crate::queue::QueueTx,
+        tx: crate::link::queue::QueueTx,
         status: watch::Receiver<TargetStatus>,
         committed: Lsn,
     ) -> TargetLink {
@@ -238,6 +240,14 @@ impl Reader {
             .collect()
     }
 
+    /// Every target's name and published status, for `/health`.
+    fn target_statuses(&self) -> Vec<(String, TargetStatus)> {
+        self.links
+            .iter()
+            .map(|l| (l.name.clone(), l.status.borrow().clone()))
+            .collect()
+    }
+
     fn update_confirmed(&mut self) {
         let idle = if self.open.is_none() {
             self.idle_wal_end
@@ -372,17 +382,17 @@ impl Reader {
                 // 2. A target changed state: a retry-ready failed target restarts the stream.
                 _ = self.wake.notified() => {
                     if self.links.iter().any(|l| matches!(l.status.borrow().state,
-                        crate::apply::TargetState::Failed { retry_ready: true, .. })) {
+                        crate::link::TargetState::Stalled { retry_ready: true, .. })) {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
                         return Ok(StreamEnd::RetryTarget);
                     }
-                    self.health.set_targets(&self.links);
+                    self.health.set_targets(self.target_statuses());
                 }
                 // 3. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
                     self.update_lag();
-                    self.health.set_targets(&self.links);
+                    self.health.set_targets(self.target_statuses());
                     self.send_status(&mut conn, false).await?;
                 }
                 // 4. The next message from the server.

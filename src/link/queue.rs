@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::change::ApplyMsg;
+use crate::link::ApplyMsg;
 
 /// The reader's end.
 #[derive(Clone)]
@@ -96,18 +96,18 @@ impl QueueRx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Change, XactInfo};
+    use crate::link::{Change, XactInfo};
     use crate::lsn::Lsn;
 
     fn chunk(n: usize) -> ApplyMsg {
-        let rel = Arc::new(crate::change::RelationInfo {
-            table: crate::config::TableName::parse("t").unwrap(),
-            relation: crate::source::pgoutput::Relation {
+        let rel = Arc::new(crate::link::RelationInfo {
+            table: crate::table::TableName::parse("t").unwrap(),
+            relation: crate::pgoutput::Relation {
                 xid: None,
                 oid: 1,
                 namespace: "public".into(),
                 name: "t".into(),
-                replica_identity: crate::source::pgoutput::ReplicaIdentity::Default,
+                replica_identity: crate::pgoutput::ReplicaIdentity::Default,
                 columns: Vec::new(),
             },
             generation: 0,

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::config::TableName;
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{OldTuple, Relation, Tuple};
-use crate::source::protocol::PgTimestamp;
+use crate::pgoutput::PgTimestamp;
+use crate::pgoutput::{OldTuple, Relation, Tuple};
+use crate::table::TableName;
 
 /// A relation as last described by the source, with a generation that changes whenever a new
 /// Relation message replaces it (statement caches key on it).

@@ -1,6 +1,7 @@
 //! Tests of the pgoutput decoder: hand-built messages of every kind, malformed input, and
 //! properties (never panics; encode then decode is the identity).
 use super::*;
+use bytes::BytesMut;
 use proptest::prelude::*;
 
 /// A tiny big-endian byte builder, independent of `encode`, for hand-written fixtures.

@@ -1,0 +1,19 @@
+//! The contract between the reader and the apply tasks, and nothing else: what travels to a
+//! target ([`ApplyMsg`]: chunks of whole source transactions, barriers), the queue it travels
+//! in (bounded by row changes), and what each target publishes back ([`TargetStatus`]).
+//!
+//! ```text
+//!  reader ──ApplyMsg──► queue (bounded by changes) ──► apply task
+//!     ▲                                                    │
+//!     └──────────── TargetStatus (watch) ◄─────────────────┘
+//! ```
+//!
+//! Neither side imports the other: both speak only these types, so the reader can be tested
+//! without a target and an apply task without a replication stream.
+
+pub mod change;
+pub mod queue;
+pub mod status;
+
+pub use change::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
+pub use status::{TargetState, TargetStatus};
