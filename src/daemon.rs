@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -81,11 +80,13 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let mut delay = Duration::from_millis(500);
+    let mut attempts = 0u32;
     loop {
         match f().await {
             Ok(v) => return Some(v),
             Err(reason) => {
+                attempts = attempts.saturating_add(1);
+                let delay = crate::backoff::backoff(0.5, 30.0, attempts);
                 tracing::warn!(
                     retry_in_secs = delay.as_secs_f64(),
                     "{what} failed, retrying: {reason}"
@@ -94,7 +95,6 @@ where
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }

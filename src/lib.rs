@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apply;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod conninfo;

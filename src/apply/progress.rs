@@ -37,12 +37,19 @@ pub struct ProgressKey {
     pub target: String,
 }
 
-/// Ensures the table exists and reads this key's LSN (`None`: never applied anything).
-pub async fn load(
+/// Reads this key's LSN; `None` when `pgcarve.progress` or the row does not exist (never
+/// applied anything). Writes nothing.
+pub async fn read(
     client: &Client,
     key: &ProgressKey,
 ) -> Result<Option<Lsn>, tokio_postgres::Error> {
-    client.batch_execute(CREATE_SQL).await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgcarve.progress') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
     let row = client
         .query_opt(
             "SELECT lsn::text FROM pgcarve.progress WHERE system_id = $1 AND slot = $2 AND target = $3",

@@ -65,6 +65,16 @@ pub enum Change {
 }
 
 impl Change {
+    /// The relation of a row change (`None` for a TRUNCATE, which names several).
+    pub fn relation(&self) -> Option<&Arc<RelationInfo>> {
+        match self {
+            Change::Insert { rel, .. }
+            | Change::Update { rel, .. }
+            | Change::Delete { rel, .. } => Some(rel),
+            Change::Truncate { .. } => None,
+        }
+    }
+
     /// The operation name used in metrics and logs.
     pub fn operation(&self) -> &'static str {
         match self {

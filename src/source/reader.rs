@@ -193,10 +193,7 @@ impl Reader {
                 Err(ReaderError::TargetGone(t)) => return Err(ReaderError::TargetGone(t)),
                 Err(e) => {
                     attempts += 1;
-                    let delay = Duration::from_secs_f64(
-                        (0.5 * 2f64.powi(attempts.min(7) as i32)).min(30.0),
-                    )
-                    .mul_f64(1.0 + fastrand::f64() * 0.2);
+                    let delay = crate::backoff::backoff(1.0, 30.0, attempts);
                     tracing::warn!(
                         sqlstate = e_code(&e),
                         attempt = attempts,
