@@ -16,7 +16,9 @@
 //! Then the stream starts again from the slot's confirmed position and each target skips what it
 //! holds (`final_lsn < committed`).
 
-use std::collections::{HashMap, VecDeque};
+pub mod feedback;
+pub mod txn;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,18 +27,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::health::Health;
-use crate::link::TargetStatus;
-use crate::link::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
+use crate::link::queue::QueueTx;
+use crate::link::{ApplyMsg, Change, TargetState, TargetStatus, XactInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pg::quote_ident;
 use crate::pgoutput::{self, Message};
 use crate::route::Router;
 use crate::source::conn::{ConnError, ReplicationConn};
-use crate::source::protocol::{self, PgTimestamp, ServerMessage};
-use crate::source::{confirmable, TargetPosition};
-use crate::table::TableName;
+use crate::source::protocol::{self, ServerMessage};
 use crate::tls::TlsConnector;
+use feedback::{confirmable, seconds_since, status_due, Position};
+use txn::{route_at_begin, truncate_parts, AtCommit, OpenTxn, Relations};
 
 /// Send a status update at least this often, even when nothing changed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -64,21 +66,19 @@ pub enum ReaderError {
 pub struct TargetLink {
     /// Target name.
     pub name: String,
-    /// Channel to the apply task.
-    pub tx: crate::link::queue::QueueTx,
+    /// Queue to the apply task.
+    pub tx: QueueTx,
     /// The apply task's published status.
     pub status: watch::Receiver<TargetStatus>,
-    dispatched: Lsn,
-    skip_below: Lsn,
-    /// (end LSN, commit time) of dispatched transactions not yet committed there.
-    in_flight: VecDeque<(Lsn, PgTimestamp)>,
+    /// What it was sent and holds.
+    pos: Position,
 }
 
 impl TargetLink {
     /// Links a target whose progress is `committed`.
     pub fn new(
         name: String,
-        tx: crate::link::queue::QueueTx,
+        tx: QueueTx,
         status: watch::Receiver<TargetStatus>,
         committed: Lsn,
     ) -> TargetLink {
@@ -86,39 +86,12 @@ impl TargetLink {
             name,
             tx,
             status,
-            dispatched: committed,
-            skip_below: committed,
-            in_flight: VecDeque::new(),
+            pos: Position::new(committed),
         }
     }
 }
 
-/// What the open transaction means for one target, decided at its Begin.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// Its changes are collected and sent.
-    Send,
-    /// The target already has this transaction (it ends before what it holds).
-    Held,
-    /// The target is not taking changes: if the transaction has changes for it, it misses them
-    /// and must hold the slot before them until it has them.
-    NotTaking,
-}
-
-/// The open transaction's part for one target.
-struct TxnPart {
-    route: Route,
-    /// Changes not yet sent.
-    buf: Vec<Change>,
-    /// The transaction has changes for this target (sent, buffered or missed).
-    seen: bool,
-}
-
-struct OpenTxn {
-    xact: XactInfo,
-    parts: Vec<TxnPart>,
-}
-
+/// Why one replication stream ended without an error.
 enum StreamEnd {
     Shutdown,
     RetryTarget,
@@ -131,8 +104,7 @@ pub struct Reader {
     router: Router,
     links: Vec<TargetLink>,
     wake: Arc<Notify>,
-    relations: HashMap<u32, Arc<RelationInfo>>,
-    generation: u64,
+    relations: Relations,
     open: Option<OpenTxn>,
     confirmed: Lsn,
     last_processed: Lsn,
@@ -163,8 +135,7 @@ impl Reader {
             router,
             links,
             wake,
-            relations: HashMap::new(),
-            generation: 0,
+            relations: Relations::default(),
             open: None,
             confirmed,
             last_processed: confirmed,
@@ -216,27 +187,6 @@ impl Reader {
         }
     }
 
-    fn positions(&self) -> Vec<TargetPosition> {
-        self.links
-            .iter()
-            .map(|l| {
-                let status = l.status.borrow();
-                TargetPosition {
-                    // A target that is not taking changes misses the transactions streamed
-                    // meanwhile: it stays pending at what it has, whatever was dispatched.
-                    // (Once it takes changes again, what it missed is in `dispatched`, until
-                    // the next barrier restarts the stream from what it has.)
-                    dispatched: if status.accepts_changes() {
-                        l.dispatched
-                    } else {
-                        Lsn(u64::MAX)
-                    },
-                    committed: status.committed,
-                }
-            })
-            .collect()
-    }
-
     /// Every target's name and published status, for `/health`.
     fn target_statuses(&self) -> Vec<(String, TargetStatus)> {
         self.links
@@ -251,7 +201,16 @@ impl Reader {
         } else {
             None
         };
-        let c = confirmable(&self.positions(), self.last_processed, idle);
+        let positions: Vec<_> = self
+            .links
+            .iter()
+            .map(|l| {
+                let status = l.status.borrow();
+                l.pos
+                    .for_confirmation(status.accepts_changes(), status.committed)
+            })
+            .collect();
+        let c = confirmable(&positions, self.last_processed, idle);
         if c > self.confirmed {
             self.confirmed = c;
             self.metrics.confirmed_lsn.set(c.0 as i64);
@@ -264,10 +223,13 @@ impl Reader {
         force: bool,
     ) -> Result<(), ReaderError> {
         self.update_confirmed();
-        if !force
-            && self.confirmed == self.sent_confirmed
-            && self.last_status.elapsed() < STATUS_INTERVAL
-        {
+        if !status_due(
+            force,
+            self.confirmed,
+            self.sent_confirmed,
+            self.last_status.elapsed(),
+            STATUS_INTERVAL,
+        ) {
             return Ok(());
         }
         let msg = protocol::encode_status_update(
@@ -288,17 +250,7 @@ impl Reader {
         let mut overall = 0.0f64;
         for l in &mut self.links {
             let committed = l.status.borrow().committed;
-            while l
-                .in_flight
-                .front()
-                .is_some_and(|(end, _)| *end <= committed)
-            {
-                l.in_flight.pop_front();
-            }
-            let lag = l
-                .in_flight
-                .front()
-                .map_or(0.0, |(_, t)| ((now - t) as f64 / 1e6).max(0.0));
+            let lag = l.pos.lag_secs(committed, now);
             self.metrics
                 .target_lag_seconds
                 .with_label_values(&[&l.name])
@@ -306,8 +258,8 @@ impl Reader {
             overall = overall.max(lag);
         }
         if let Some(open) = &self.open {
-            if open.parts.iter().any(|p| p.route == Route::Send) {
-                overall = overall.max(((now - open.xact.commit_time) as f64 / 1e6).max(0.0));
+            if open.sending() {
+                overall = overall.max(seconds_since(open.xact.commit_time, now));
             }
         }
         self.metrics.lag_seconds.set(overall);
@@ -334,9 +286,7 @@ impl Reader {
         // Confirm what the barrier made durable before forgetting what was in flight.
         self.update_confirmed();
         for (l, c) in self.links.iter_mut().zip(committed) {
-            l.dispatched = c;
-            l.skip_below = c;
-            l.in_flight.clear();
+            l.pos.reset(c);
         }
         self.open = None;
         self.idle_wal_end = None;
@@ -379,7 +329,7 @@ impl Reader {
                 // 2. A target changed state: a retry-ready failed target restarts the stream.
                 _ = self.wake.notified() => {
                     if self.links.iter().any(|l| matches!(l.status.borrow().state,
-                        crate::link::TargetState::Stalled { retry_ready: true, .. })) {
+                        TargetState::Stalled { retry_ready: true, .. })) {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
                         return Ok(StreamEnd::RetryTarget);
@@ -437,130 +387,60 @@ impl Reader {
     async fn route(&mut self, conn: &mut ReplicationConn, msg: Message) -> Result<(), ReaderError> {
         match msg {
             Message::Begin(b) => {
-                let parts = self
-                    .links
-                    .iter()
-                    .map(|l| TxnPart {
-                        route: if !l.status.borrow().accepts_changes() {
-                            Route::NotTaking
-                        } else if b.final_lsn < l.skip_below {
-                            Route::Held
-                        } else {
-                            Route::Send
-                        },
-                        buf: Vec::new(),
-                        seen: false,
-                    })
-                    .collect();
-                self.idle_wal_end = None;
-                self.open = Some(OpenTxn {
-                    xact: XactInfo {
-                        final_lsn: b.final_lsn,
-                        commit_time: b.commit_time,
-                        xid: b.xid,
-                    },
-                    parts,
+                let routes = self.links.iter().map(|l| {
+                    route_at_begin(
+                        l.status.borrow().accepts_changes(),
+                        b.final_lsn,
+                        l.pos.skip_below(),
+                    )
                 });
+                let xact = XactInfo {
+                    final_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
+                    xid: b.xid,
+                };
+                self.idle_wal_end = None;
+                self.open = Some(OpenTxn::begin(xact, routes));
             }
             Message::Commit(c) => {
                 let open = self
                     .open
                     .take()
                     .ok_or_else(|| ReaderError::Stream("Commit without Begin".into()))?;
-                let OpenTxn { xact, parts } = open;
-                for (i, part) in parts.into_iter().enumerate() {
-                    if !part.seen || part.route == Route::Held {
-                        continue;
+                let commit_time = open.xact.commit_time;
+                for (i, at) in open.commit(c.end_lsn) {
+                    // Missed: not sent, yet the target needs it: it stays pending (and
+                    // lagging) at what it has, even once it takes changes again, until a
+                    // barrier restarts the stream from what it has.
+                    if let AtCommit::Send(msg) = at {
+                        self.send(conn, i, msg).await?;
                     }
-                    if part.route == Route::NotTaking {
-                        // Not sent, yet the target needs it: it stays pending (and lagging)
-                        // at what it has, even once it takes changes again, until a barrier
-                        // restarts the stream from what it has.
-                        let l = &mut self.links[i];
-                        l.dispatched = l.dispatched.max(c.end_lsn);
-                        l.in_flight.push_back((c.end_lsn, xact.commit_time));
-                        continue;
-                    }
-                    let msg = ApplyMsg::Chunk {
-                        xact,
-                        changes: part.buf,
-                        commit: Some(CommitInfo { end_lsn: c.end_lsn }),
-                    };
-                    self.send(conn, i, msg).await?;
-                    let l = &mut self.links[i];
-                    l.dispatched = c.end_lsn;
-                    l.in_flight.push_back((c.end_lsn, xact.commit_time));
+                    self.links[i].pos.dispatch(c.end_lsn, commit_time);
                 }
                 self.last_processed = c.end_lsn;
             }
-            Message::Relation(r) => {
-                let table = TableName {
-                    schema: r.schema().to_string(),
-                    name: r.name.clone(),
-                };
-                self.generation += 1;
-                let targets = self.router.targets_for(&table).to_vec();
-                self.relations.insert(
-                    r.oid,
-                    Arc::new(RelationInfo {
-                        table,
-                        relation: r,
-                        generation: self.generation,
-                        targets,
-                    }),
-                );
-            }
+            Message::Relation(r) => self.relations.describe(r, &self.router),
             Message::Insert(ins) => {
                 let rel = self.relation(ins.relation)?;
-                self.add(
-                    conn,
-                    &rel,
-                    Change::Insert {
-                        rel: rel.clone(),
-                        new: ins.new,
-                    },
-                )
-                .await?;
+                self.add(conn, Change::Insert { rel, new: ins.new }).await?;
             }
             Message::Update(up) => {
                 let rel = self.relation(up.relation)?;
                 let change = Change::Update {
-                    rel: rel.clone(),
+                    rel,
                     old: up.old,
                     new: up.new,
                 };
-                self.add(conn, &rel, change).await?;
+                self.add(conn, change).await?;
             }
             Message::Delete(del) => {
                 let rel = self.relation(del.relation)?;
-                self.add(
-                    conn,
-                    &rel,
-                    Change::Delete {
-                        rel: rel.clone(),
-                        old: del.old,
-                    },
-                )
-                .await?;
+                self.add(conn, Change::Delete { rel, old: del.old }).await?;
             }
             Message::Truncate(t) => {
-                let mut per_target: Vec<Vec<Arc<RelationInfo>>> =
-                    vec![Vec::new(); self.links.len()];
-                for oid in &t.relations {
-                    let rel = self.relation(*oid)?;
-                    for &i in &rel.targets {
-                        per_target[i].push(rel.clone());
-                    }
-                }
-                for (i, rels) in per_target.into_iter().enumerate() {
-                    if rels.is_empty() {
-                        continue;
-                    }
-                    let change = Change::Truncate {
-                        rels,
-                        cascade: t.cascade(),
-                        restart_identity: t.restart_identity(),
-                    };
+                let parts = truncate_parts(&t, &self.relations, self.links.len())
+                    .map_err(ReaderError::Stream)?;
+                for (i, change) in parts {
                     self.push(conn, i, change).await?;
                 }
             }
@@ -577,22 +457,17 @@ impl Reader {
         Ok(())
     }
 
-    fn relation(&self, oid: u32) -> Result<Arc<RelationInfo>, ReaderError> {
-        self.relations.get(&oid).cloned().ok_or_else(|| {
-            ReaderError::Stream(format!(
-                "change for relation {oid} before its Relation message"
-            ))
-        })
+    fn relation(&self, oid: u32) -> Result<Arc<crate::link::RelationInfo>, ReaderError> {
+        self.relations
+            .get(oid)
+            .cloned()
+            .map_err(ReaderError::Stream)
     }
 
-    async fn add(
-        &mut self,
-        conn: &mut ReplicationConn,
-        rel: &Arc<RelationInfo>,
-        change: Change,
-    ) -> Result<(), ReaderError> {
-        // `rel` is our own Arc, so its target list can be read while `self` is borrowed mutably.
-        let rel = rel.clone();
+    /// Adds a row change to the open transaction's part of every owning target.
+    async fn add(&mut self, conn: &mut ReplicationConn, change: Change) -> Result<(), ReaderError> {
+        // Our own Arc, so its target list can be read while `self` is borrowed mutably.
+        let rel = change.relation().expect("a row change").clone();
         let Some((last, rest)) = rel.targets.split_last() else {
             return Ok(());
         };
@@ -602,6 +477,7 @@ impl Reader {
         self.push(conn, *last, change).await
     }
 
+    /// Adds a change to target `i`'s part; sends a chunk once it is full.
     async fn push(
         &mut self,
         conn: &mut ReplicationConn,
@@ -613,25 +489,8 @@ impl Reader {
             .open
             .as_mut()
             .ok_or_else(|| ReaderError::Stream("row change outside a transaction".into()))?;
-        let part = &mut open.parts[i];
-        part.seen = true;
-        if part.route != Route::Send {
-            return Ok(());
-        }
-        part.buf.push(change);
-        if part.buf.len() >= chunk_size {
-            let changes = std::mem::replace(&mut part.buf, Vec::with_capacity(chunk_size));
-            let xact = open.xact;
-            self.send(
-                conn,
-                i,
-                ApplyMsg::Chunk {
-                    xact,
-                    changes,
-                    commit: None,
-                },
-            )
-            .await?;
+        if let Some(chunk) = open.push(i, change, chunk_size) {
+            self.send(conn, i, chunk).await?;
         }
         Ok(())
     }
