@@ -3,8 +3,9 @@
 //! [`inspect`] reads what the target holds — can its WAL position be read, each owned table's
 //! columns, its progress row — and writes nothing, so a preflight `check` can call it on a
 //! production database. [`problems`] turns those facts and the source's columns into what an
-//! operator must fix. Only [`Worker::prepare`] acts: it creates `pgcarve.progress` and flushes
-//! the progress an earlier run left.
+//! operator must fix. Only [`Worker::start`] acts: it creates `pgcarve.progress` and flushes
+//! the progress an earlier run left. The daemon inspects every target (and the source) before
+//! it acts on any.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -221,57 +222,66 @@ pub(super) async fn load_table(
     }))
 }
 
+/// A target connected and inspected, nothing written yet.
+pub struct Inspected {
+    tls: TlsConnector,
+    client: Client,
+    /// What it holds.
+    pub facts: TargetFacts,
+}
+
+/// Connects to a target and reads its facts. An unreachable target is [`StartError::Transient`];
+/// unusable TLS settings are [`StartError::Fatal`].
+pub async fn connect_and_inspect(
+    target: &Target,
+    key: &ProgressKey,
+) -> Result<Inspected, StartError> {
+    let tls = TlsConnector::new(&target.conn)
+        .map_err(|e| StartError::Fatal(vec![format!("targets.{}: {e}", target.name)]))?;
+    let client = open_session(&target.conn, &tls)
+        .await
+        .map_err(|e| transient(target, "connect", &e))?;
+    let facts = inspect(&client, target, key)
+        .await
+        .map_err(|e| transient(target, "read catalog", &e))?;
+    Ok(Inspected { tls, client, facts })
+}
+
+fn transient(target: &Target, what: &str, e: &tokio_postgres::Error) -> StartError {
+    StartError::Transient(format!(
+        "target {} ({}): {what}: {}",
+        target.name,
+        target.conn.display_target(),
+        safe_pg_error(e)
+    ))
+}
+
 impl Worker {
-    /// Connects, inspects the target, checks its owned tables against the source's columns,
-    /// then creates the progress table and flushes what an earlier run left. Returns the worker
-    /// and its progress (`None`: nothing applied yet).
-    pub async fn prepare(
+    /// Acts on an inspected target whose facts had no [`problems`]: creates the progress table
+    /// and flushes the progress an earlier run left, so it counts as durable.
+    pub async fn start(
         target: &Target,
-        source_columns: &HashMap<TableName, Vec<String>>,
+        inspected: Inspected,
         key: ProgressKey,
         cfg: ApplyConfig,
         metrics: Metrics,
         status: watch::Sender<TargetStatus>,
         wake: Arc<tokio::sync::Notify>,
-    ) -> Result<(Worker, Option<Lsn>), StartError> {
-        let tls = TlsConnector::new(&target.conn)
-            .map_err(|e| StartError::Fatal(vec![format!("targets.{}: {e}", target.name)]))?;
-        let transient = |what: &str, e: &tokio_postgres::Error| {
-            StartError::Transient(format!(
-                "target {} ({}): {what}: {}",
-                target.name,
-                target.conn.display_target(),
-                safe_pg_error(e)
-            ))
-        };
-        let client = open_session(&target.conn, &tls)
-            .await
-            .map_err(|e| transient("connect", &e))?;
-
-        // Inspect, then plan: nothing is written before every problem is known.
-        let facts = inspect(&client, target, &key)
-            .await
-            .map_err(|e| transient("read catalog", &e))?;
-        let found = problems(target, &facts, source_columns);
-        if !found.is_empty() {
-            return Err(StartError::Fatal(found));
-        }
-
-        // Act.
+    ) -> Result<Worker, StartError> {
+        let Inspected { tls, client, facts } = inspected;
         client
             .batch_execute(progress::CREATE_SQL)
             .await
-            .map_err(|e| transient("create pgcarve.progress", &e))?;
+            .map_err(|e| transient(target, "create pgcarve.progress", &e))?;
         let commit_stmts = CommitStatements::prepare(&client)
             .await
-            .map_err(|e| transient("prepare progress upsert", &e))?;
-        let committed = facts.progress;
+            .map_err(|e| transient(target, "prepare progress upsert", &e))?;
         // What an earlier run committed may not be on disk yet: flush it before counting it
         // as durable.
-        if let Some(lsn) = committed {
+        if let Some(lsn) = facts.progress {
             force_durable(&client, &commit_stmts.upsert, &key, lsn)
                 .await
-                .map_err(|e| transient("flush pgcarve.progress", &e))?;
+                .map_err(|e| transient(target, "flush pgcarve.progress", &e))?;
         }
         let tables = facts
             .tables
@@ -289,7 +299,7 @@ impl Worker {
             },
             cache: StmtCache::new(tables, target.tables.clone()),
             group: Group::default(),
-            positions: Durability::at(committed.unwrap_or(Lsn::ZERO)),
+            positions: Durability::at(facts.progress.unwrap_or(Lsn::ZERO)),
             failures: 0,
             one_by_one_until: Lsn::ZERO,
             stall: None,
@@ -303,7 +313,7 @@ impl Worker {
             .target_committed_lsn
             .with_label_values(&[&worker.name])
             .set(worker.positions.committed.0 as i64);
-        Ok((worker, committed))
+        Ok(worker)
     }
 }
 

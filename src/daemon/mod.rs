@@ -1,0 +1,151 @@
+//! `pgcarve run`: start-up (`startup`: inspect → plan → act, the slot decision in `slot`), then
+//! the reader and one apply task per target until shutdown.
+
+pub mod slot;
+pub mod startup;
+
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Settings};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::source::reader::{Reader, TargetLink};
+
+/// Why the daemon stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Problems an operator must fix, one per line.
+    #[error("cannot start:\n  - {}", .0.join("\n  - "))]
+    Startup(Vec<String>),
+    /// Streaming failed for good.
+    #[error("stopped: {0}")]
+    Reader(#[from] crate::source::reader::ReaderError),
+}
+
+/// Handles a running daemon exposes (tests read metrics and health in-process).
+#[derive(Clone, Default)]
+pub struct Observability {
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Health state.
+    pub health: Health,
+}
+
+/// Loads and checks the config file (before the runtime exists: it says how many threads).
+pub fn load_settings(path: &Path) -> anyhow::Result<Settings> {
+    Ok(Config::load(path)?.validate()?)
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; draining");
+        signal.cancel();
+    });
+    run(settings, Observability::default(), shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Retries `f` with backoff while it fails transiently; gives up on shutdown.
+async fn with_retry<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut attempts = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(reason) => {
+                attempts = attempts.saturating_add(1);
+                let delay = crate::backoff::backoff(0.5, 30.0, attempts);
+                tracing::warn!(
+                    retry_in_secs = delay.as_secs_f64(),
+                    "{what} failed, retrying: {reason}"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(
+    settings: Settings,
+    obs: Observability,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let Observability { metrics, health } = obs;
+    let http = match settings.metrics_listen {
+        Some(addr) => Some(
+            crate::http::serve(addr, metrics.clone(), health.clone(), shutdown.clone())
+                .await
+                .map_err(|e| DaemonError::Startup(vec![format!("metrics.listen {addr}: {e}")]))?,
+        ),
+        None => None,
+    };
+    let result = run_inner(&settings, &metrics, &health, &shutdown).await;
+    if let Err(e) = &result {
+        health.set_fatal(e.to_string());
+    }
+    shutdown.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    result
+}
+
+async fn run_inner(
+    settings: &Settings,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let Some(started) = startup::start(settings, metrics, shutdown).await? else {
+        return Ok(()); // shutdown while waiting for a database
+    };
+    let mut links = Vec::new();
+    let mut tasks = Vec::new();
+    for t in started.targets {
+        let (tx, rx) = crate::link::queue::channel(settings.apply.queue_changes);
+        let committed = t.worker.committed();
+        tracing::info!(target_name = %t.name, committed = %committed, "target ready");
+        tasks.push(t.worker.spawn(rx));
+        links.push(TargetLink::new(t.name, tx, t.status, committed));
+    }
+    let reader = Reader::new(
+        settings.clone(),
+        started.tls,
+        Router::new(&settings.targets),
+        links,
+        started.wake,
+        started.confirmed,
+        metrics.clone(),
+        health.clone(),
+    );
+    let result = reader.run(shutdown.clone()).await;
+    health.set_phase("stopping");
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    result.map_err(DaemonError::from)
+}

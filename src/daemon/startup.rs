@@ -1,0 +1,260 @@
+//! Start-up: inspect → plan → act.
+//!
+//! 1. **Inspect** the source (`wal_level`, the routed tables), every target (reachable — retried
+//!    with backoff —, owned tables and columns, progress), the publication and the slot. Nothing
+//!    is written.
+//! 2. **Plan** from those facts: every problem an operator must fix is collected and start-up
+//!    refuses with all of them; otherwise the publication plan and the slot decision
+//!    (`super::slot`).
+//! 3. **Act**: create or alter the publication, create the slot if it is missing, create the
+//!    progress table on each target and flush what an earlier run left there.
+//!
+//! A refusal therefore changes nothing on any database.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::slot::{create_slot, decide_slot, SlotDecision};
+use super::{with_retry, DaemonError};
+use crate::apply::prepare::{connect_and_inspect, problems, Inspected};
+use crate::apply::progress::ProgressKey;
+use crate::apply::{StartError, Worker};
+use crate::config::{Settings, Target};
+use crate::link::{TargetState, TargetStatus};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pg::safe_pg_error;
+use crate::route::Router;
+use crate::source::catalog::{self, SourceCatalog};
+use crate::tls::TlsConnector;
+
+/// A target ready to run: its apply task and the receiver of its status.
+pub struct ReadyTarget {
+    /// Target name.
+    pub name: String,
+    /// Its apply task, not yet spawned.
+    pub worker: Worker,
+    /// What the task publishes.
+    pub status: watch::Receiver<TargetStatus>,
+}
+
+/// What start-up set up.
+pub struct Started {
+    /// TLS for the source (the reader's replication connection).
+    pub tls: TlsConnector,
+    /// The slot's confirmed position (or the new slot's consistent point).
+    pub confirmed: Lsn,
+    /// Every target, in configuration order.
+    pub targets: Vec<ReadyTarget>,
+    /// Woken by any target whose status changes.
+    pub wake: Arc<Notify>,
+}
+
+fn startup(problems: Vec<String>) -> DaemonError {
+    DaemonError::Startup(problems)
+}
+
+/// Runs start-up; `None` when shutdown came while waiting for a database.
+pub async fn start(
+    settings: &Settings,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<Started>, DaemonError> {
+    let tls =
+        TlsConnector::new(&settings.source).map_err(|e| startup(vec![format!("source: {e}")]))?;
+    let tables = Router::new(&settings.targets).tables();
+
+    // Inspect and plan the source.
+    let Some(client) = with_retry("connect to source", shutdown, || async {
+        crate::pg::connect(&settings.source, &tls)
+            .await
+            .map_err(|e| {
+                format!(
+                    "{}: {}",
+                    settings.source.display_target(),
+                    safe_pg_error(&e)
+                )
+            })
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    let source_facts = catalog::inspect_source(&client, &tables)
+        .await
+        .map_err(|e| startup(vec![e]))?;
+    let source = catalog::plan_source(&source_facts).map_err(startup)?;
+
+    // Inspect the targets, concurrently; then plan them.
+    let results = futures::future::join_all(
+        settings
+            .targets
+            .iter()
+            .map(|t| inspect_target(t, key(settings, &source, t), shutdown)),
+    )
+    .await;
+    let mut inspected = Vec::with_capacity(results.len());
+    let mut found = Vec::new();
+    for (t, result) in settings.targets.iter().zip(results) {
+        match result {
+            None => return Ok(None),
+            Some(Err(p)) => found.extend(p),
+            Some(Ok(i)) => {
+                found.extend(problems(t, &i.facts, &source.columns));
+                inspected.push(i);
+            }
+        }
+    }
+    if !found.is_empty() {
+        return Err(startup(found));
+    }
+
+    // Inspect and plan the publication and the slot.
+    let publication = catalog::inspect_publication(&client, &settings.publication)
+        .await
+        .map_err(|e| startup(vec![e]))?;
+    let publication_plan =
+        catalog::plan_publication(&settings.publication, publication.as_ref(), &tables)
+            .map_err(startup)?;
+    let slot = catalog::slot_info(&client, &settings.slot)
+        .await
+        .map_err(|e| startup(vec![format!("source: read slot: {}", safe_pg_error(&e))]))?;
+    let holding: Vec<(String, Lsn)> = settings
+        .targets
+        .iter()
+        .zip(&inspected)
+        .filter_map(|(t, i)| i.facts.progress.map(|lsn| (t.name.clone(), lsn)))
+        .collect();
+    let decision = decide_slot(
+        &settings.slot,
+        &settings.source.dbname,
+        slot.as_ref(),
+        &holding,
+    );
+
+    // Act.
+    let resume_at = match decision {
+        SlotDecision::Refuse(p) => return Err(startup(p)),
+        SlotDecision::Resume(lsn) => Some(lsn),
+        SlotDecision::Create => None,
+    };
+    catalog::act_publication(&client, &settings.publication, &tables, &publication_plan)
+        .await
+        .map_err(|e| startup(vec![e]))?;
+    let confirmed = match resume_at {
+        Some(lsn) => lsn,
+        None => create_slot(&settings.source, &tls, &settings.slot)
+            .await
+            .map_err(|e| startup(vec![e]))?,
+    };
+    drop(client);
+    let wake = Arc::new(Notify::new());
+    let mut targets = Vec::with_capacity(inspected.len());
+    for (t, i) in settings.targets.iter().zip(inspected) {
+        let (status_tx, status) = watch::channel(TargetStatus {
+            committed: Lsn::ZERO,
+            state: TargetState::Starting,
+        });
+        let key = key(settings, &source, t);
+        let Some(worker) = start_target(
+            settings, &source, t, i, key, metrics, status_tx, &wake, shutdown,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        targets.push(ReadyTarget {
+            name: t.name.clone(),
+            worker,
+            status,
+        });
+    }
+    Ok(Some(Started {
+        tls,
+        confirmed,
+        targets,
+        wake,
+    }))
+}
+
+/// The progress row key of target `t`.
+fn key(settings: &Settings, source: &SourceCatalog, t: &Target) -> ProgressKey {
+    ProgressKey {
+        system_id: source.system_id.clone(),
+        slot: settings.slot.clone(),
+        target: t.name.clone(),
+    }
+}
+
+/// Connects to and inspects a target, retrying while it is unreachable. `None`: shutdown.
+async fn inspect_target(
+    t: &Target,
+    key: ProgressKey,
+    shutdown: &CancellationToken,
+) -> Option<Result<Inspected, Vec<String>>> {
+    with_retry(&format!("prepare target {}", t.name), shutdown, || async {
+        match connect_and_inspect(t, &key).await {
+            Ok(i) => Ok(Ok(i)),
+            Err(StartError::Fatal(p)) => Ok(Err(p)),
+            Err(StartError::Transient(reason)) => Err(reason),
+        }
+    })
+    .await
+}
+
+/// Acts on an inspected target. If it became unreachable meanwhile, it is connected to and
+/// inspected again (and checked again) until it starts. `Ok(None)`: shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn start_target(
+    settings: &Settings,
+    source: &SourceCatalog,
+    t: &Target,
+    inspected: Inspected,
+    key: ProgressKey,
+    metrics: &Metrics,
+    status: watch::Sender<TargetStatus>,
+    wake: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Worker>, DaemonError> {
+    let first = Mutex::new(Some(inspected));
+    let outcome = with_retry(&format!("prepare target {}", t.name), shutdown, || {
+        let (key, status, wake) = (key.clone(), status.clone(), wake.clone());
+        let first = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        async move {
+            let inspected = match first {
+                Some(i) => i,
+                None => match connect_and_inspect(t, &key).await {
+                    Ok(i) => i,
+                    Err(StartError::Fatal(p)) => return Ok(Err(p)),
+                    Err(StartError::Transient(reason)) => return Err(reason),
+                },
+            };
+            let p = problems(t, &inspected.facts, &source.columns);
+            if !p.is_empty() {
+                return Ok(Err(p));
+            }
+            let worker = Worker::start(
+                t,
+                inspected,
+                key,
+                settings.apply.clone(),
+                metrics.clone(),
+                status,
+                wake,
+            );
+            match worker.await {
+                Ok(w) => Ok(Ok(w)),
+                Err(StartError::Fatal(p)) => Ok(Err(p)),
+                Err(StartError::Transient(reason)) => Err(reason),
+            }
+        }
+    })
+    .await;
+    match outcome {
+        None => Ok(None),
+        Some(Ok(w)) => Ok(Some(w)),
+        Some(Err(p)) => Err(startup(p)),
+    }
+}
