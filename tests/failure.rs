@@ -258,6 +258,53 @@ async fn a_publication_filtering_rows_or_columns_is_refused() {
 }
 
 #[tokio::test]
+async fn a_refused_start_changes_nothing_on_any_database() {
+    // The publication filters one routed table and lacks the other: start-up must refuse
+    // before it adds the missing table, creates the slot or creates pgcarve.progress.
+    let env = Env::new(
+        "CREATE TABLE patients (id int PRIMARY KEY, name text);
+         CREATE TABLE notes (id int PRIMARY KEY, body text);",
+        &[("t", &["patients", "notes"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE patients WHERE (id > 10)",
+        env.slot
+    ))
+    .await
+    .unwrap();
+    let err = env.start_error().await;
+    assert!(err.contains("row filter"), "{err}");
+    let published: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1, "the publication was altered");
+    let slots: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "a slot was created");
+    let progress: bool = env
+        .target("t")
+        .await
+        .query_one("SELECT to_regclass('pgcarve.progress') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!progress, "pgcarve.progress was created on the target");
+}
+
+#[tokio::test]
 async fn a_target_whose_progress_goes_back_stalls_instead_of_skipping() {
     let (env, daemon, src) = one_target_with_a_row().await;
     // Until the target has flushed that commit, losing it would be a crash losing an
