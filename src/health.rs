@@ -10,12 +10,34 @@ use serde_json::json;
 use crate::link::{TargetState, TargetStatus};
 use crate::lsn::Lsn;
 
+/// What the daemon as a whole is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Checking the databases and preparing the targets.
+    Starting,
+    /// The replication stream has been up at least once; streaming or reconnecting.
+    Streaming,
+    /// Shutting down.
+    Stopping,
+}
+
+impl Phase {
+    /// The name `/health` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Streaming => "streaming",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
 /// How long the source may be unreachable before /health says `failed`.
 pub const SOURCE_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 struct State {
-    phase: &'static str,
+    phase: Phase,
     source_connected: bool,
     source_down_since: Option<Instant>,
     fatal: Option<String>,
@@ -31,7 +53,7 @@ pub struct Health(Arc<Mutex<State>>);
 impl Default for Health {
     fn default() -> Self {
         Health(Arc::new(Mutex::new(State {
-            phase: "starting",
+            phase: Phase::Starting,
             source_connected: false,
             source_down_since: Some(Instant::now()),
             fatal: None,
@@ -44,7 +66,7 @@ impl Default for Health {
 
 /// The overall verdict, a pure function of the state.
 pub fn verdict(
-    phase: &str,
+    phase: Phase,
     source_connected: bool,
     source_down_for: Option<Duration>,
     fatal: bool,
@@ -53,7 +75,7 @@ pub fn verdict(
     if fatal || source_down_for.is_some_and(|d| d > SOURCE_GRACE) {
         return "failed";
     }
-    if phase != "streaming"
+    if phase != Phase::Streaming
         || !source_connected
         || targets.iter().any(|t| *t != TargetState::Streaming)
     {
@@ -68,8 +90,8 @@ impl Health {
         f(&mut s);
     }
 
-    /// Sets the phase (starting, streaming, stopping).
-    pub fn set_phase(&self, phase: &'static str) {
+    /// Sets the phase.
+    pub fn set_phase(&self, phase: Phase) {
         self.with(|s| s.phase = phase);
     }
 
@@ -83,7 +105,7 @@ impl Health {
         self.with(|s| {
             if up {
                 s.source_down_since = None;
-                s.phase = "streaming";
+                s.phase = Phase::Streaming;
             } else if s.source_connected || s.source_down_since.is_none() {
                 s.source_down_since = Some(Instant::now());
             }
@@ -135,7 +157,7 @@ impl Health {
             .collect();
         let body = json!({
             "status": status,
-            "phase": s.phase,
+            "phase": s.phase.as_str(),
             "source_connected": s.source_connected,
             "confirmed_lsn": s.confirmed.to_string(),
             "lag_seconds": s.lag_seconds,
@@ -153,9 +175,15 @@ mod tests {
     #[test]
     fn verdicts() {
         let ok = [TargetState::Streaming];
-        assert_eq!(verdict("streaming", true, None, false, &ok), "healthy");
+        assert_eq!(verdict(Phase::Streaming, true, None, false, &ok), "healthy");
         assert_eq!(
-            verdict("starting", false, Some(Duration::from_secs(1)), false, &ok),
+            verdict(
+                Phase::Starting,
+                false,
+                Some(Duration::from_secs(1)),
+                false,
+                &ok
+            ),
             "degraded"
         );
         let retrying = [TargetState::Stalled {
@@ -164,12 +192,12 @@ mod tests {
             error: String::new(),
         }];
         assert_eq!(
-            verdict("streaming", true, None, false, &retrying),
+            verdict(Phase::Streaming, true, None, false, &retrying),
             "degraded"
         );
         assert_eq!(
             verdict(
-                "streaming",
+                Phase::Streaming,
                 false,
                 Some(Duration::from_secs(61)),
                 false,
@@ -177,6 +205,6 @@ mod tests {
             ),
             "failed"
         );
-        assert_eq!(verdict("streaming", true, None, true, &ok), "failed");
+        assert_eq!(verdict(Phase::Streaming, true, None, true, &ok), "failed");
     }
 }

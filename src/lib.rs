@@ -2,8 +2,29 @@
 //!
 //! One logical replication slot on the monolith is decoded once (pgoutput); every change is
 //! routed to the service databases ("targets") that own its table and applied there in source
-//! commit order, whole transactions only, exactly once. See README.md for operations and
-//! `source`, `apply` for the correctness argument.
+//! commit order, whole transactions only, exactly once. See README.md for operations.
+//!
+//! # Reading order
+//!
+//! Modules form layers; each imports only from layers below it (and `tests/layering.rs` fails
+//! when one does not):
+//!
+//! ```text
+//!  main, cli, demo          the commands
+//!        │
+//!  daemon                   run: startup (inspect → plan → act), slot decision, the tasks
+//!        │
+//!  source        apply      the reader (replication stream → routed chunks) and one apply task
+//!        │         │        per target; they never import each other, only `link`
+//!  config, route, link, health, http, localpg
+//!        │
+//!  lsn, backoff, secret, metrics, conninfo, tls, pg, table, pgoutput   (leaves)
+//! ```
+//!
+//! The correctness arguments live in module docs: what may be confirmed to the slot
+//! (`source::reader::feedback`), why routing is decided at Begin (`source::reader::txn`),
+//! durability with asynchronous target commits (`apply::durability`), exactly-once apply and
+//! the stalled state (`apply`, `apply::failure`), the slot decision (`daemon::slot`).
 
 // Apply errors carry table, SQLSTATE, constraint and column by value; they are on the cold path.
 #![allow(clippy::result_large_err)]

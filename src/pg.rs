@@ -4,7 +4,8 @@
 //! PostgreSQL errors carry row data in their DETAIL ("Failing row contains (…)") and sometimes
 //! in the message itself (key values in unique violations, the input of a 22P02). What leaves
 //! this module for a log line or `/health` is the SQLSTATE and its name, never the message of a
-//! server error. See the PostgreSQL docs, Appendix A "PostgreSQL Error Codes".
+//! server error. See the PostgreSQL docs, Appendix A "PostgreSQL Error Codes"
+//! (<https://www.postgresql.org/docs/15/errcodes-appendix.html>).
 
 use tokio_postgres::Client;
 

@@ -6,8 +6,9 @@
 //! records the target's WAL insert position right after its COMMIT (a position past the commit
 //! record); once the target's WAL flush position (`pg_current_wal_flush_lsn()`) reaches it, the
 //! group is durable, and every group before it too, because WAL is flushed in order. See the
-//! PostgreSQL docs, "Asynchronous Commit" (section 30.4) and "System Administration Functions"
-//! (`pg_current_wal_flush_lsn`).
+//! PostgreSQL docs, "Asynchronous Commit" (<https://www.postgresql.org/docs/15/wal-async-commit.html>) and
+//! "Backup Control Functions" for `pg_current_wal_insert_lsn` / `pg_current_wal_flush_lsn`
+//! (<https://www.postgresql.org/docs/15/functions-admin.html#FUNCTIONS-ADMIN-BACKUP>).
 //!
 //! ```text
 //!   committed ──► undurable: (progress LSN, WAL position after COMMIT), oldest first

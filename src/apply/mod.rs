@@ -3,9 +3,9 @@
 //! Every source transaction's changes for this target are applied inside one target
 //! transaction, together with the progress row (`pgcarve.progress`) holding that source
 //! transaction's commit end LSN. Consecutive source transactions already waiting in the queue
-//! are grouped into one target transaction (group commit, [`group`]); a source transaction is
+//! are grouped into one target transaction (group commit, `group`); a source transaction is
 //! never split. The task publishes what the target holds *durably* on a `watch`
-//! ([`durability`]), and the reader decides from it what may be confirmed to the slot.
+//! (`durability`), and the reader decides from it what may be confirmed to the slot.
 //!
 //! Exactly once: the progress row commits atomically with the rows, so after any crash the
 //! target's progress LSN says exactly which source transactions it holds. The reader skips those
@@ -13,7 +13,7 @@
 //! progress (after a reconnect it reloads the progress row first, because a COMMIT whose answer
 //! was lost may have succeeded).
 //!
-//! Failure ([`failure`]): a change the target rejects rolls the group back, is logged and
+//! Failure (`failure`): a change the target rejects rolls the group back, is logged and
 //! counted (SQLSTATE, table, target, LSN; never values) and stalls the task; after a backoff the
 //! reader restarts the stream from the slot's confirmed position (held back by this target) and
 //! the transaction is tried again. Nothing is skipped and nothing is buffered for a stalled

@@ -142,7 +142,7 @@ async fn run_inner(
         health.clone(),
     );
     let result = reader.run(shutdown.clone()).await;
-    health.set_phase("stopping");
+    health.set_phase(crate::health::Phase::Stopping);
     for t in tasks {
         let _ = t.await;
     }

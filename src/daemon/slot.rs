@@ -1,7 +1,9 @@
 //! The slot decision at start-up: resume an existing slot, create one, or refuse.
 //!
 //! A logical slot is the source's promise to keep every transaction after its confirmed
-//! position (see the PostgreSQL docs, "Replication Slots" and "Logical Decoding Concepts").
+//! position (PostgreSQL docs, "Logical Decoding Concepts",
+//! <https://www.postgresql.org/docs/15/logicaldecoding-explanation.html>, and `pg_replication_slots`,
+//! <https://www.postgresql.org/docs/15/view-pg-replication-slots.html>, for `wal_status`).
 //! The targets' progress rows say what they already hold. The two must describe one history:
 //!
 //! - **the slot exists**: it must decode our database with pgoutput, and its WAL must still be

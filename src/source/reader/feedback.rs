@@ -12,8 +12,8 @@
 //! no transaction is open. A target with nothing pending does not hold the slot back, and a
 //! target that fails stays pending, so the slot keeps everything it has not applied.
 //!
-//! The slot's confirmed position is sent in standby status updates (see the PostgreSQL docs,
-//! "Streaming Replication Protocol", Standby status update): `flush` and `apply` carry it, and
+//! The slot's confirmed position is sent in standby status updates (PostgreSQL docs,
+//! "Streaming Replication Protocol", <https://www.postgresql.org/docs/15/protocol-replication.html>): `flush` and `apply` carry it, and
 //! PostgreSQL may then remove WAL before it and never sends the transactions before it again.
 //! A restart of the stream begins there, so everything a target lacks must lie after it.
 

@@ -4,14 +4,16 @@
 //!  slot ──CopyBoth──► reader ──Chunk/Barrier──► [bounded mpsc] ──► apply task (target A)
 //!                       │    └──────────────────► [bounded mpsc] ──► apply task (target B)
 //!                       ◄──── committed LSN (watch) ─────────────────┘
-//!                       └──standby status update (confirm = rule in `source`)──► slot
+//!                       └──standby status update (confirm = rule in `feedback`)──► slot
 //! ```
 //!
 //! Whole source transactions travel as chunks (at most `apply.chunk_changes` changes each);
 //! the awaited `send` on a full channel is the backpressure that stops reading, so the slot, not
 //! our memory, holds the WAL. Status updates keep flowing while we wait.
 //!
-//! Restarts (connection loss, a failed target ready to retry) first send a barrier to
+//! What goes where is decided in [`txn`] (pure); what may be confirmed in [`feedback`] (pure).
+//!
+//! Restarts (connection loss, a stalled target ready to retry) first send a barrier to
 //! every target: each finishes or rolls back its open group and answers with its committed LSN.
 //! Then the stream starts again from the slot's confirmed position and each target skips what it
 //! holds (`final_lsn < committed`).

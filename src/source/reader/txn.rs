@@ -5,8 +5,9 @@
 //!
 //! pgoutput (protocol version 1, no streaming of in-progress transactions) sends a transaction
 //! only once it has committed, as Begin, its changes, Commit — never interleaved with another
-//! (see the PostgreSQL docs, "Logical Replication Message Flow"). Begin carries the LSN of the
-//! commit record (`final_lsn`), so before the first change arrives we know where the whole
+//! (PostgreSQL docs, "Logical Replication Protocol Message Flow",
+//! <https://www.postgresql.org/docs/15/protocol-logical-replication.html>). Begin carries the LSN of the commit record
+//! (`final_lsn`, <https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html>), so before the first change arrives we know where the whole
 //! transaction lies relative to what each target holds, and decide once per target:
 //!
 //! - [`Route::Held`]: it ends before what the target already has (a stream restarted from the
