@@ -42,20 +42,25 @@ impl Router {
     }
 }
 
+/// A target owning `tables`, for unit tests of routing.
+#[cfg(test)]
+pub(crate) fn test_target(name: &str, tables: &[&str]) -> Target {
+    Target {
+        name: name.into(),
+        conn: crate::conninfo::ConnInfo::parse("postgresql://u@h/d").unwrap(),
+        tables: tables
+            .iter()
+            .map(|t| TableName::parse(t).unwrap())
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conninfo::ConnInfo;
 
     fn target(name: &str, tables: &[&str]) -> Target {
-        Target {
-            name: name.into(),
-            conn: ConnInfo::parse("postgresql://u@h/d").unwrap(),
-            tables: tables
-                .iter()
-                .map(|t| TableName::parse(t).unwrap())
-                .collect(),
-        }
+        test_target(name, tables)
     }
 
     #[test]

@@ -182,6 +182,12 @@ impl Worker {
         } else {
             (self.session.client.clone(), None)
         };
+        // A retry may write: the progress table comes back if someone dropped it (it is
+        // empty then, and a target that had made anything durable stops on ProgressRewound).
+        client
+            .batch_execute(progress::CREATE_SQL)
+            .await
+            .map_err(conn_err)?;
         let reloaded = progress::read(&client, &self.session.key)
             .await
             .map_err(conn_err)?

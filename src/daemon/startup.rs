@@ -6,10 +6,14 @@
 //! 2. **Plan** from those facts: every problem an operator must fix is collected and start-up
 //!    refuses with all of them; otherwise the publication plan and the slot decision
 //!    (`super::slot`).
-//! 3. **Act**: create or alter the publication, create the slot if it is missing, create the
-//!    progress table on each target and flush what an earlier run left there.
+//! 3. **Act**: create the progress table on each target and flush what an earlier run left
+//!    there, then create or alter the publication, and create the slot last if it is missing
+//!    (a slot left behind by a start-up that fails later would hold the monolith's WAL).
 //!
-//! A refusal therefore changes nothing on any database.
+//! A refusal therefore changes nothing on any database. (A target that becomes unreachable
+//! between inspection and action is inspected and checked again when it is back; a problem
+//! found then refuses start-up after other targets' progress tables exist, never after the slot
+//! or the publication changed.)
 
 use std::sync::{Arc, Mutex};
 
@@ -134,12 +138,43 @@ pub async fn start(
         &holding,
     );
 
-    // Act.
+    // Act: the targets first (a progress table is harmless), the slot last (a slot left behind
+    // by a start-up that then fails would hold the monolith's WAL).
     let resume_at = match decision {
         SlotDecision::Refuse(p) => return Err(startup(p)),
         SlotDecision::Resume(lsn) => Some(lsn),
         SlotDecision::Create => None,
     };
+    let wake = Arc::new(Notify::new());
+    let started =
+        futures::future::join_all(settings.targets.iter().zip(inspected).map(|(t, i)| {
+            let (status_tx, status) = watch::channel(TargetStatus {
+                committed: Lsn::ZERO,
+                state: TargetState::Starting,
+            });
+            let key = key(settings, &source, t);
+            let wake = &wake;
+            let source = &source;
+            async move {
+                let worker = start_target(
+                    settings, source, t, i, key, metrics, status_tx, wake, shutdown,
+                )
+                .await?;
+                Ok::<_, DaemonError>(worker.map(|worker| ReadyTarget {
+                    name: t.name.clone(),
+                    worker,
+                    status,
+                }))
+            }
+        }))
+        .await;
+    let mut targets = Vec::with_capacity(started.len());
+    for t in started {
+        match t? {
+            Some(t) => targets.push(t),
+            None => return Ok(None),
+        }
+    }
     catalog::act_publication(&client, &settings.publication, &tables, &publication_plan)
         .await
         .map_err(|e| startup(vec![e]))?;
@@ -150,27 +185,6 @@ pub async fn start(
             .map_err(|e| startup(vec![e]))?,
     };
     drop(client);
-    let wake = Arc::new(Notify::new());
-    let mut targets = Vec::with_capacity(inspected.len());
-    for (t, i) in settings.targets.iter().zip(inspected) {
-        let (status_tx, status) = watch::channel(TargetStatus {
-            committed: Lsn::ZERO,
-            state: TargetState::Starting,
-        });
-        let key = key(settings, &source, t);
-        let Some(worker) = start_target(
-            settings, &source, t, i, key, metrics, status_tx, &wake, shutdown,
-        )
-        .await?
-        else {
-            return Ok(None);
-        };
-        targets.push(ReadyTarget {
-            name: t.name.clone(),
-            worker,
-            status,
-        });
-    }
     Ok(Some(Started {
         tls,
         confirmed,

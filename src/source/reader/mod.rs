@@ -168,7 +168,7 @@ impl Reader {
                     attempts += 1;
                     let delay = crate::backoff::backoff(1.0, 30.0, attempts);
                     tracing::warn!(
-                        sqlstate = e_code(&e),
+                        sqlstate = sqlstate_of(&e),
                         attempt = attempts,
                         retry_in_secs = delay.as_secs_f64(),
                         confirmed = %self.confirmed,
@@ -526,7 +526,8 @@ impl Reader {
     }
 }
 
-fn e_code(e: &ReaderError) -> &str {
+/// The SQLSTATE of a server error, for the log line; empty for anything else.
+fn sqlstate_of(e: &ReaderError) -> &str {
     match e {
         ReaderError::Conn(c) => c.code().unwrap_or(""),
         _ => "",

@@ -217,19 +217,10 @@ pub fn truncate_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Target;
-    use crate::conninfo::ConnInfo;
     use crate::pgoutput::{ReplicaIdentity, TRUNCATE_RESTART_IDENTITY};
 
     fn router() -> Router {
-        let target = |name: &str, tables: &[&str]| Target {
-            name: name.into(),
-            conn: ConnInfo::parse("postgresql://u@h/d").unwrap(),
-            tables: tables
-                .iter()
-                .map(|t| TableName::parse(t).unwrap())
-                .collect(),
-        };
+        let target = crate::route::test_target;
         // 0 owns patients and allergies, 1 owns patients and claims: patients fans out.
         Router::new(&[
             target("patient", &["patients", "allergies"]),
