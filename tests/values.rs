@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use crate::common::Env;
 
 const VALUES_SCHEMA: &str = r#"
@@ -679,5 +681,121 @@ async fn full_identity_changes_the_exact_row() {
     .await
     .unwrap();
     env.wait_equal("svc", "readings").await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn truncate_and_identity_changes_under_deferrable_foreign_keys() {
+    // The monolith accepts these; the target defers deferrable constraints to its commit and
+    // must not then refuse TRUNCATE or ALTER TABLE with "pending trigger events" (55006).
+    let env = Env::new(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                             parent_id int REFERENCES parent DEFERRABLE);
+         CREATE TABLE later (id int PRIMARY KEY,
+                             parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);",
+        &[("svc", &["parent", "child", "later"])],
+    )
+    .await;
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO parent SELECT g FROM generate_series(1, 3) g;
+         INSERT INTO child (parent_id) VALUES (1);
+         TRUNCATE child;
+         INSERT INTO child (parent_id) VALUES (2);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "child").await;
+    // An identity value changed after a row of the same table queued its check.
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO child (parent_id) VALUES (3);
+         UPDATE child SET id = DEFAULT WHERE parent_id = 2;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "child").await;
+    // Initially deferred: one transaction queues a check, the next truncates the table; both
+    // land in one target transaction when they wait in the queue together.
+    daemon.stop().await;
+    src.batch_execute("INSERT INTO later VALUES (1, 1)")
+        .await
+        .unwrap();
+    src.batch_execute("BEGIN; TRUNCATE later; INSERT INTO later VALUES (2, 2); COMMIT;")
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("svc", "later").await;
+    env.wait_equal("svc", "parent").await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn money_and_dates_travel_exactly_whatever_the_source_session_settings() {
+    let env = Env::new(
+        "CREATE TABLE fees (id int PRIMARY KEY, amount money, due date, span interval);",
+        &[("svc", &["fees"])],
+    )
+    .await;
+    // Settings the walsender would otherwise inherit from the source database.
+    env.source()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET DateStyle = 'SQL, DMY'; \
+             ALTER DATABASE {} SET IntervalStyle = 'sql_standard'; \
+             ALTER DATABASE {} SET lc_monetary = 'POSIX'",
+            env.source_db, env.source_db, env.source_db
+        ))
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    let src = env.source().await;
+    src.batch_execute(
+        "INSERT INTO fees VALUES
+            (1, 1234.56, '2026-02-01', '1 year 2 mons 3 days 04:05:06'),
+            (2, -0.07, '2026-12-31', '-3 days'),
+            (3, NULL, NULL, NULL);",
+    )
+    .await
+    .unwrap();
+    // (Not wait_equal: it compares rows as text, which each side renders with its settings.)
+    let dst = env.target("svc").await;
+    crate::common::wait_until(
+        "three fees on the target",
+        Duration::from_secs(60),
+        || async {
+            dst.query_one("SELECT count(*) FROM fees", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) == 3)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // Compared as numbers and ISO dates, not as text rendered by each side's settings.
+    let q = "SELECT id, amount::numeric::text, to_char(due, 'YYYY-MM-DD'), \
+             extract(epoch FROM span)::text FROM fees ORDER BY id";
+    let render = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{:?}",
+                    (
+                        r.get::<_, i32>(0),
+                        r.get::<_, Option<String>>(1),
+                        r.get::<_, Option<String>>(2),
+                        r.get::<_, Option<String>>(3)
+                    )
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = render(src.query(q, &[]).await.unwrap());
+    let b = render(dst.query(q, &[]).await.unwrap());
+    assert_eq!(a, b);
     daemon.stop().await;
 }

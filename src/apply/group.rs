@@ -73,6 +73,8 @@ pub(super) struct Group {
     /// Row statements sent and not yet answered, across the source transactions of the group;
     /// drained before COPY, TRUNCATE and COMMIT.
     in_flight: FuturesOrdered<Flight>,
+    /// Constraints made immediate while identity columns are writable, deferred again after.
+    pub undeferred: String,
 }
 
 impl Default for Group {
@@ -86,6 +88,7 @@ impl Default for Group {
             rows: HashMap::new(),
             pending: None,
             in_flight: FuturesOrdered::new(),
+            undeferred: String::new(),
         }
     }
 }
@@ -138,8 +141,11 @@ impl Worker {
         if !self.group.in_txn {
             self.session
                 .client
-                // The source checked deferrable constraints at its commit; applying row by row,
-                // the target must too (a key swap is valid only at commit).
+                // A source statement touching several rows arrives as one statement per row, so
+                // an initially-immediate deferrable constraint (a key swap in one UPDATE) holds
+                // only at the end of the source's statement: check deferrable constraints at
+                // the commit. NOT DEFERRABLE ones stay immediate, as on the source; TRUNCATE and
+                // ALTER first run the checks queued on their tables (check_deferred_now).
                 .batch_execute("BEGIN; SET CONSTRAINTS ALL DEFERRED")
                 .await
                 .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
@@ -217,11 +223,14 @@ impl Worker {
                 schema: String::new(),
                 name: String::new(),
             });
+        let tables: Vec<TableName> = names.into_iter().map(|(t, _)| t).collect();
+        let undeferred = self.check_deferred_now(&tables, "truncate").await?;
         self.session
             .client
             .batch_execute(&sql)
             .await
             .map_err(|e| ApplyError::from_pg(&e, &first, "truncate"))?;
+        self.defer_again(&undeferred, &first, "truncate").await?;
         for r in rels {
             self.count(r, "truncate");
         }
@@ -420,6 +429,7 @@ impl Worker {
         self.group.txns = 0;
         self.group.complete = true;
         self.group.rows.clear();
+        self.group.undeferred.clear();
     }
 
     /// Writes the progress row and commits the group; records where its commit lies in the
@@ -468,6 +478,65 @@ impl Worker {
         self.publish(TargetState::Streaming);
         self.advance_durable(flush);
         Ok(())
+    }
+}
+
+/// The deferrable constraints whose checks may be queued on these tables: their own
+/// (foreign keys, deferrable unique and exclusion constraints) and foreign keys referencing
+/// them. Schema-qualified and quoted, ready for `SET CONSTRAINTS`.
+const DEFERRABLE_CONSTRAINTS_SQL: &str = "\
+    SELECT coalesce(string_agg(DISTINCT format('%I.%I', n.nspname, c.conname), ', '), '') \
+    FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace \
+    WHERE c.condeferrable \
+      AND (c.conrelid = ANY($1::text[]::regclass[]) OR c.confrelid = ANY($1::text[]::regclass[]))";
+
+impl Worker {
+    /// Fires now the deferred checks queued on `tables`, before a TRUNCATE or an ALTER TABLE on
+    /// them (PostgreSQL refuses both on a table with pending trigger events, 55006). Target
+    /// transactions defer every deferrable constraint to the commit, because a source statement
+    /// that touched several rows arrives as one statement per row and an initially-immediate
+    /// deferrable constraint held only at the end of the source's statement. At a source
+    /// statement boundary such as this one, those held on the source. Returns the constraints
+    /// made immediate, for [`Worker::defer_again`].
+    pub(super) async fn check_deferred_now(
+        &mut self,
+        tables: &[TableName],
+        op: &'static str,
+    ) -> Result<String, ApplyError> {
+        let Some(first) = tables.first() else {
+            return Ok(String::new());
+        };
+        let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+        let client = &self.session.client;
+        let names: String = client
+            .query_one(DEFERRABLE_CONSTRAINTS_SQL, &[&quoted])
+            .await
+            .map_err(|e| ApplyError::from_pg(&e, first, op))?
+            .get(0);
+        if !names.is_empty() {
+            client
+                .batch_execute(&format!("SET CONSTRAINTS {names} IMMEDIATE"))
+                .await
+                .map_err(|e| ApplyError::from_pg(&e, first, op))?;
+        }
+        Ok(names)
+    }
+
+    /// Defers again what [`Worker::check_deferred_now`] made immediate.
+    pub(super) async fn defer_again(
+        &mut self,
+        names: &str,
+        table: &TableName,
+        op: &'static str,
+    ) -> Result<(), ApplyError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.session
+            .client
+            .batch_execute(&format!("SET CONSTRAINTS {names} DEFERRED"))
+            .await
+            .map_err(|e| ApplyError::from_pg(&e, table, op))
     }
 }
 

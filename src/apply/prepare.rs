@@ -50,7 +50,8 @@ pub struct TargetFacts {
 }
 
 /// Opens a target session: asynchronous commits (durability is tracked from the WAL flush
-/// position, see `durability`), and the output settings the source's text values assume.
+/// position, see `durability`), the input settings matching what the replication connection
+/// asks the source to write (DateStyle, IntervalStyle, lc_monetary).
 pub(super) async fn open_session(
     conn: &ConnInfo,
     tls: &TlsConnector,
@@ -61,7 +62,7 @@ pub(super) async fn open_session(
             // Commits need not wait for the disk: the slot is confirmed only up to what the
             // target has flushed.
             "SET synchronous_commit = off; SET extra_float_digits = 3; \
-             SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'",
+             SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET lc_monetary = 'C'",
         )
         .await?;
     // With synchronous standbys a failover keeps only what they confirmed: commits must wait

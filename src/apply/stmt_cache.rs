@@ -219,7 +219,10 @@ impl Worker {
     }
 
     /// `ALTER TABLE … ALTER COLUMN c SET GENERATED {kind}` inside the open target transaction,
-    /// for UPDATEs that must write `GENERATED ALWAYS` identity columns.
+    /// for UPDATEs that must write `GENERATED ALWAYS` identity columns: `BY DEFAULT` before
+    /// them, `ALWAYS` after. ALTER TABLE is refused while checks are queued on the table, so
+    /// between the two the table's deferred checks run immediately (see
+    /// [`Worker::check_deferred_now`]).
     pub(super) async fn set_identity(
         &mut self,
         table: &TableName,
@@ -227,6 +230,11 @@ impl Worker {
         kind: &str,
         op: &'static str,
     ) -> Result<(), ApplyError> {
+        if kind != "ALWAYS" {
+            self.group.undeferred = self
+                .check_deferred_now(std::slice::from_ref(table), op)
+                .await?;
+        }
         let alters: Vec<String> = cols
             .iter()
             .map(|c| format!("ALTER COLUMN {c} SET GENERATED {kind}"))
@@ -239,7 +247,12 @@ impl Worker {
                 alters.join(", ")
             ))
             .await
-            .map_err(|e| ApplyError::from_pg(&e, table, op))
+            .map_err(|e| ApplyError::from_pg(&e, table, op))?;
+        if kind == "ALWAYS" {
+            let names = std::mem::take(&mut self.group.undeferred);
+            self.defer_again(&names, table, op).await?;
+        }
+        Ok(())
     }
 
     /// Prepares `plan` on the target and caches it under `key`.

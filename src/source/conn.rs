@@ -214,10 +214,15 @@ impl ReplicationConn {
             ("replication", "database"),
             ("application_name", info.application_name.as_str()),
             ("client_encoding", "UTF8"),
-            // Values arrive as the source's text output; fix the formats that depend on settings.
+            // Values arrive as the source's text output; fix the formats that depend on settings
+            // (the target sessions read them with the same settings). Startup parameters win
+            // over per-database and per-role settings. money's text depends on lc_monetary
+            // (symbol, separators, fraction digits): in C on both sides the stored amount
+            // travels exactly.
             ("DateStyle", "ISO"),
             ("IntervalStyle", "postgres"),
             ("extra_float_digits", "3"),
+            ("lc_monetary", "C"),
         ];
         frontend::startup_message(params.iter().copied(), &mut wbuf)
             .map_err(|e| ConnError::Protocol(e.to_string()))?;
