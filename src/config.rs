@@ -44,6 +44,10 @@ pub struct SourceConfig {
     /// File holding the password (first line), instead of `PGCARVE_SOURCE_PASSWORD`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Seconds between read-only checks of the routed tables in the source catalog (dropped,
+    /// recreated, unpublished, replica identity).
+    #[serde(default = "default_catalog_check")]
+    pub catalog_check_secs: f64,
 }
 
 /// `[targets.NAME]`.
@@ -116,6 +120,9 @@ impl Default for MetricsConfig {
 fn default_name() -> String {
     "pgcarve".into()
 }
+fn default_catalog_check() -> f64 {
+    30.0
+}
 fn default_chunk_changes() -> usize {
     2000
 }
@@ -172,6 +179,8 @@ pub struct Settings {
     pub apply: ApplyConfig,
     /// Metrics listen address, if enabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// Interval of the routed tables' catalog check.
+    pub catalog_check: std::time::Duration,
 }
 
 impl Config {
@@ -308,6 +317,12 @@ impl Config {
             problems
                 .push("apply.retry_initial_secs must be > 0 and <= apply.retry_max_secs".into());
         }
+        let check = self.source.catalog_check_secs;
+        if !(check > 0.0 && check <= 3600.0) {
+            problems.push(format!(
+                "source.catalog_check_secs = {check}: must be > 0 and at most 3600"
+            ));
+        }
         let metrics_listen = if self.metrics.listen.is_empty() {
             None
         } else {
@@ -330,6 +345,7 @@ impl Config {
                 targets,
                 apply: self.apply.clone(),
                 metrics_listen,
+                catalog_check: std::time::Duration::from_secs_f64(check.clamp(0.001, 3600.0)),
             }),
             _ => Err(ConfigError(problems)),
         }

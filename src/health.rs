@@ -44,6 +44,8 @@ struct State {
     lag_seconds: f64,
     confirmed: Lsn,
     targets: Vec<(String, TargetStatus)>,
+    /// Conditions an operator must fix (monolith DDL pgcarve cannot follow), with the fix.
+    problems: Vec<String>,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -60,6 +62,7 @@ impl Default for Health {
             lag_seconds: 0.0,
             confirmed: Lsn::ZERO,
             targets: Vec::new(),
+            problems: Vec::new(),
         })))
     }
 }
@@ -72,7 +75,19 @@ pub fn verdict(
     fatal: bool,
     targets: &[TargetState],
 ) -> &'static str {
-    if fatal || source_down_for.is_some_and(|d| d > SOURCE_GRACE) {
+    let needs_operator = |t: &TargetState| {
+        matches!(
+            t,
+            TargetState::Stalled {
+                needs_operator: true,
+                ..
+            }
+        )
+    };
+    if fatal
+        || source_down_for.is_some_and(|d| d > SOURCE_GRACE)
+        || targets.iter().any(needs_operator)
+    {
         return "failed";
     }
     if phase != Phase::Streaming
@@ -113,6 +128,15 @@ impl Health {
         });
     }
 
+    /// Records a condition an operator must fix (shown until the daemon stops; /health fails).
+    pub fn add_problem(&self, problem: String) {
+        self.with(|s| {
+            if !s.problems.contains(&problem) {
+                s.problems.push(problem);
+            }
+        });
+    }
+
     /// Records lag and confirmed position.
     pub fn set_lag(&self, lag: f64, confirmed: Lsn) {
         self.with(|s| {
@@ -134,7 +158,7 @@ impl Health {
             s.phase,
             s.source_connected,
             s.source_down_since.map(|t| t.elapsed()),
-            s.fatal.is_some(),
+            s.fatal.is_some() || !s.problems.is_empty(),
             &states,
         );
         let targets: serde_json::Map<String, serde_json::Value> = s
@@ -144,9 +168,15 @@ impl Health {
                 let (state, extra) = match &t.state {
                     TargetState::Starting => ("starting", json!(null)),
                     TargetState::Streaming => ("streaming", json!(null)),
-                    TargetState::Stalled { attempts, retry_ready, error } => (
-                        "retrying",
-                        json!({"attempts": attempts, "retry_ready": retry_ready, "error": error}),
+                    TargetState::Stalled {
+                        attempts,
+                        retry_ready,
+                        needs_operator,
+                        error,
+                    } => (
+                        if *needs_operator { "failed" } else { "retrying" },
+                        json!({"attempts": attempts, "retry_ready": retry_ready,
+                               "needs_operator": needs_operator, "error": error}),
                     ),
                 };
                 (
@@ -162,6 +192,7 @@ impl Health {
             "confirmed_lsn": s.confirmed.to_string(),
             "lag_seconds": s.lag_seconds,
             "fatal": s.fatal,
+            "problems": s.problems,
             "targets": targets,
         });
         (if status == "failed" { 503 } else { 200 }, body)
@@ -189,8 +220,19 @@ mod tests {
         let retrying = [TargetState::Stalled {
             attempts: 1,
             retry_ready: false,
+            needs_operator: false,
             error: String::new(),
         }];
+        let stuck = [TargetState::Stalled {
+            attempts: 1,
+            retry_ready: false,
+            needs_operator: true,
+            error: String::new(),
+        }];
+        assert_eq!(
+            verdict(Phase::Streaming, true, None, false, &stuck),
+            "failed"
+        );
         assert_eq!(
             verdict(Phase::Streaming, true, None, false, &retrying),
             "degraded"

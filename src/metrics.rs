@@ -31,6 +31,10 @@ pub const CONFIRMED_LSN: &str = "migration_confirmed_lsn";
 pub const RECEIVED_LSN: &str = "migration_received_lsn";
 /// The LSN each target has durably committed.
 pub const TARGET_COMMITTED_LSN: &str = "migration_target_committed_lsn";
+/// 1 while monolith DDL on a routed table needs an operator, by table and problem.
+pub const DDL_PROBLEM: &str = "migration_ddl_problem";
+/// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
+pub const TABLE_RENAMED: &str = "migration_table_renamed";
 
 /// Handles to every metric.
 #[derive(Clone)]
@@ -61,6 +65,10 @@ pub struct Metrics {
     pub received_lsn: IntGauge,
     /// See [`TARGET_COMMITTED_LSN`].
     pub target_committed_lsn: IntGaugeVec,
+    /// See [`DDL_PROBLEM`].
+    pub ddl_problem: IntGaugeVec,
+    /// See [`TABLE_RENAMED`].
+    pub table_renamed: IntGaugeVec,
 }
 
 impl Metrics {
@@ -134,6 +142,24 @@ impl Metrics {
             &["target"],
         )
         .unwrap();
+        let ddl_problem = IntGaugeVec::new(
+            Opts::new(
+                DDL_PROBLEM,
+                "1 while monolith DDL on a routed table (dropped, recreated, unpublished, replica identity) stalls its owners until an operator acts.",
+            ),
+            &["table", "problem"],
+        )
+        .unwrap();
+        let table_renamed = IntGaugeVec::new(
+            Opts::new(
+                TABLE_RENAMED,
+                "1 for a routed table renamed or moved on the monolith; its changes still reach its owners.",
+            ),
+            &["table", "source_name"],
+        )
+        .unwrap();
+        reg(Box::new(ddl_problem.clone()));
+        reg(Box::new(table_renamed.clone()));
         reg(Box::new(lag_seconds.clone()));
         reg(Box::new(target_lag_seconds.clone()));
         reg(Box::new(errors_total.clone()));
@@ -160,6 +186,8 @@ impl Metrics {
             confirmed_lsn,
             received_lsn,
             target_committed_lsn,
+            ddl_problem,
+            table_renamed,
         }
     }
 

@@ -3,6 +3,7 @@
 mod auth_tls;
 mod common;
 mod crash;
+mod ddl;
 mod failure;
 mod layering;
 mod message_kinds;

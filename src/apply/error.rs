@@ -46,6 +46,9 @@ pub enum ApplyError {
         /// Column.
         column: String,
     },
+    /// The source did something pgcarve cannot follow for a table this target owns.
+    #[error("{0}")]
+    Halted(String),
     /// A Relation for a table this target has no catalog entry for.
     #[error("table {0} is not known on this target")]
     UnknownTable(TableName),
@@ -89,9 +92,19 @@ impl ApplyError {
                 "divergence".into()
             }
             ApplyError::Plan(_) | ApplyError::UnknownTable(_) => "schema".into(),
+            ApplyError::Halted(_) => "ddl".into(),
             ApplyError::Connection(_) => "connection".into(),
             ApplyError::Binary { .. } => "protocol".into(),
         }
+    }
+
+    /// Retrying cannot help: the target lost history, or the source changed in a way pgcarve
+    /// cannot follow. An operator must act; the target stays stalled until a restart.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::ProgressRewound { .. } | ApplyError::Halted(_)
+        )
     }
 
     /// SQLSTATE, when the server sent one.

@@ -61,6 +61,8 @@ pub(super) struct Stall {
     pub retry_at: Instant,
     /// The backoff has ended and "retry ready" is published: the next barrier retries.
     pub ready: bool,
+    /// No retry: an operator must act first (the task stays stalled until it stops).
+    pub needs_operator: bool,
 }
 
 impl Worker {
@@ -110,15 +112,19 @@ impl Worker {
             error_kind = %err.class(),
             attempt = attempts,
             retry_in_secs = delay.as_secs_f64(),
+            needs_operator = err.needs_operator(),
             "apply failed; target stalled, other targets continue: {}",
             err
         );
+        let needs_operator = err.needs_operator();
         self.publish(TargetState::Stalled {
             attempts,
             retry_ready: false,
+            needs_operator,
             error: err.to_string(),
         });
         self.stall = Some(Stall {
+            needs_operator,
             err,
             lsn,
             attempts,
@@ -136,6 +142,7 @@ impl Worker {
         let state = TargetState::Stalled {
             attempts: stall.attempts,
             retry_ready: true,
+            needs_operator: false,
             error: stall.err.to_string(),
         };
         self.publish(state);

@@ -146,14 +146,14 @@ impl Worker {
         loop {
             // Stalled: discard chunks, answer barriers, retry after the backoff.
             if let Some(stall) = &self.stall {
-                let (retry_at, ready) = (stall.retry_at, stall.ready);
+                let (retry_at, waiting) = (stall.retry_at, !stall.ready && !stall.needs_operator);
                 tokio::select! {
                     msg = rx.recv() => match msg {
                         None => break,
-                        Some(ApplyMsg::Chunk { .. }) => {}
+                        Some(ApplyMsg::Chunk { .. }) | Some(ApplyMsg::Halt(_)) => {}
                         Some(ApplyMsg::Barrier(reply)) => self.barrier_while_stalled(reply).await,
                     },
-                    _ = tokio::time::sleep_until(retry_at), if !ready => self.retry_ready(),
+                    _ = tokio::time::sleep_until(retry_at), if waiting => self.retry_ready(),
                 }
                 continue;
             }
@@ -192,6 +192,9 @@ impl Worker {
                 },
             };
             match msg {
+                ApplyMsg::Halt(reason) => {
+                    self.stall(ApplyError::Halted(reason), None).await;
+                }
                 ApplyMsg::Barrier(reply) => {
                     // The reader restarts from what is durable: make everything durable first,
                     // so it need not send again what this target already has.

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Settings};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::route::Router;
 use crate::source::reader::{Reader, TargetLink};
 
 /// Why the daemon stopped or could not start.
@@ -131,17 +130,31 @@ async fn run_inner(
         tasks.push(t.worker.spawn(rx));
         links.push(TargetLink::new(t.name, tx, t.status, committed));
     }
+    // The catalog check: what the stream cannot show (a routed table dropped, recreated,
+    // unpublished, or with a replica identity that no longer publishes its changes).
+    let (problems_tx, problems_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn(crate::source::catalog::watch(
+        settings.source.clone(),
+        started.tls.clone(),
+        settings.publication.clone(),
+        started.router.routed_oids(),
+        settings.catalog_check,
+        problems_tx,
+        shutdown.clone(),
+    ));
     let reader = Reader::new(
         settings.clone(),
         started.tls,
-        Router::new(&settings.targets),
+        started.router,
         links,
         started.wake,
         started.confirmed,
         metrics.clone(),
         health.clone(),
-    );
+    )
+    .with_catalog_problems(problems_rx);
     let result = reader.run(shutdown.clone()).await;
+    watch.abort();
     health.set_phase(crate::health::Phase::Stopping);
     for t in tasks {
         let _ = t.await;

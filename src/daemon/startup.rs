@@ -46,6 +46,8 @@ pub struct ReadyTarget {
 
 /// What start-up set up.
 pub struct Started {
+    /// Routing, with each routed table's OID.
+    pub router: Router,
     /// TLS for the source (the reader's replication connection).
     pub tls: TlsConnector,
     /// The slot's confirmed position (or the new slot's consistent point).
@@ -185,7 +187,10 @@ pub async fn start(
             .map_err(|e| startup(vec![e]))?,
     };
     drop(client);
+    let mut router = Router::new(&settings.targets);
+    router.set_oids(&source.oids);
     Ok(Some(Started {
+        router,
         tls,
         confirmed,
         targets,

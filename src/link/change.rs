@@ -120,4 +120,7 @@ pub enum ApplyMsg {
     /// it back; reply with the durably committed LSN. A failed target that is ready to retry
     /// resumes applying after answering.
     Barrier(oneshot::Sender<Lsn>),
+    /// Stop applying until an operator acts (a restart): the source did something pgcarve
+    /// cannot follow for a table this target owns. The reason names it and the fix; no value.
+    Halt(String),
 }

@@ -49,7 +49,7 @@ pub fn channel(capacity: usize) -> (QueueTx, QueueRx) {
 pub fn weight(msg: &ApplyMsg, capacity: u32) -> u32 {
     let n = match msg {
         ApplyMsg::Chunk { changes, .. } => changes.len(),
-        ApplyMsg::Barrier(_) => 1,
+        ApplyMsg::Barrier(_) | ApplyMsg::Halt(_) => 1,
     };
     u32::try_from(n).unwrap_or(u32::MAX).clamp(1, capacity)
 }

@@ -16,6 +16,8 @@ pub enum TargetState {
         attempts: u32,
         /// The backoff has elapsed: restart the stream to retry.
         retry_ready: bool,
+        /// Retrying cannot help: an operator must act, then restart pgcarve.
+        needs_operator: bool,
         /// What went wrong (value-free).
         error: String,
     },

@@ -20,6 +20,8 @@ pub struct SourceCatalog {
     pub system_id: String,
     /// Columns of each routed table, in order.
     pub columns: HashMap<TableName, Vec<String>>,
+    /// OID of each routed table: its identity while it streams.
+    pub oids: HashMap<TableName, u32>,
 }
 
 /// The source cluster and each routed table, as read.
@@ -174,6 +176,7 @@ pub fn plan_source(facts: &SourceFacts) -> Result<SourceCatalog, Vec<String>> {
         ));
     }
     let mut columns = HashMap::new();
+    let mut oids = HashMap::new();
     for (t, table) in &facts.tables {
         let Some(f) = table else {
             problems.push(format!(
@@ -205,11 +208,13 @@ pub fn plan_source(facts: &SourceFacts) -> Result<SourceCatalog, Vec<String>> {
             _ => {}
         }
         columns.insert(t.clone(), f.columns.clone());
+        oids.insert(t.clone(), f.oid);
     }
     if problems.is_empty() {
         Ok(SourceCatalog {
             system_id: facts.system_id.clone(),
             columns,
+            oids,
         })
     } else {
         Err(problems)
@@ -391,6 +396,168 @@ pub async fn act_publication(
     Ok(())
 }
 
+/// Monolith DDL on a routed table that pgcarve cannot follow. Names and codes only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogProblem {
+    /// The routed table.
+    pub table: TableName,
+    /// A short code for metrics: `dropped`, `recreated`, `unpublished`, `replica_identity`.
+    pub problem: &'static str,
+    /// What happened and what the operator does, one line.
+    pub message: String,
+}
+
+/// A routed table as the catalog shows it now, found by the OID it had at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedNow {
+    /// The routed name.
+    pub table: TableName,
+    /// The OID it had at start-up.
+    pub oid: u32,
+    /// The OID the routed name resolves to now (`None`: no such table).
+    pub name_oid: Option<u32>,
+    /// The start-up OID still exists.
+    pub exists: bool,
+    /// Its `relreplident`.
+    pub replica_identity: String,
+    /// It has a primary key.
+    pub has_primary_key: bool,
+    /// It is in the publication (directly, through its schema, or FOR ALL TABLES).
+    pub published: bool,
+}
+
+/// Reads every routed table by its start-up OID. Writes nothing.
+pub async fn inspect_routed(
+    client: &Client,
+    publication: &str,
+    routed: &[(TableName, u32)],
+) -> Result<Vec<RoutedNow>, tokio_postgres::Error> {
+    let names: Vec<String> = routed.iter().map(|(t, _)| t.quoted()).collect();
+    let oids: Vec<u32> = routed.iter().map(|(_, o)| *o).collect();
+    let rows = client
+        .query(
+            "SELECT r.i, to_regclass(r.name)::oid, c.oid IS NOT NULL, \
+                    coalesce(c.relreplident::text, ''), \
+                    EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = r.oid AND x.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_publication_tables pt \
+                            WHERE pt.pubname = $3 AND pt.schemaname = n.nspname \
+                              AND pt.tablename = c.relname) \
+             FROM unnest($1::text[], $2::oid[]) WITH ORDINALITY AS r(name, oid, i) \
+             LEFT JOIN pg_class c ON c.oid = r.oid \
+             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
+             ORDER BY r.i",
+            &[&names, &oids, &publication],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .zip(routed)
+        .map(|(r, (table, oid))| RoutedNow {
+            table: table.clone(),
+            oid: *oid,
+            name_oid: r.get(1),
+            exists: r.get(2),
+            replica_identity: r.get(3),
+            has_primary_key: r.get(4),
+            published: r.get(5),
+        })
+        .collect())
+}
+
+/// What the catalog shows that the stream cannot: a routed table dropped (or dropped and
+/// recreated under its name), gone from the publication, or with a replica identity that no
+/// longer publishes its UPDATEs and DELETEs. A rename is not a problem (the stream follows
+/// it). Pure.
+pub fn routed_problems(publication: &str, now: &[RoutedNow]) -> Vec<CatalogProblem> {
+    let mut out = Vec::new();
+    for t in now {
+        let table = &t.table;
+        let problem = |problem, message| CatalogProblem {
+            table: table.clone(),
+            problem,
+            message,
+        };
+        if !t.exists {
+            out.push(match t.name_oid {
+                Some(new) => problem(
+                    "recreated",
+                    format!("routed table {table} was dropped and recreated on the source (it is now relation {new}, not in the publication): its new rows do not reach the targets; add it to publication {publication}, resynchronise {table} on its targets, then restart"),
+                ),
+                None => problem(
+                    "dropped",
+                    format!("routed table {table} was dropped on the source: remove it from the targets' tables (or recreate and resynchronise it), then restart"),
+                ),
+            });
+            continue;
+        }
+        if !t.published {
+            out.push(problem(
+                "unpublished",
+                format!("routed table {table} is no longer in publication {publication}: its changes stop reaching the targets; ALTER PUBLICATION {} ADD TABLE {}, resynchronise {table} on its targets, then restart", quote_ident(publication), table.quoted()),
+            ));
+        }
+        match t.replica_identity.as_str() {
+            "n" => out.push(problem(
+                "replica_identity",
+                format!("routed table {table} now has REPLICA IDENTITY NOTHING: the monolith's UPDATE and DELETE on it fail while it is published; ALTER TABLE {} REPLICA IDENTITY FULL (or DEFAULT with a primary key), then restart", table.quoted()),
+            )),
+            "d" if !t.has_primary_key => out.push(problem(
+                "replica_identity",
+                format!("routed table {table} has no primary key any more: the monolith's UPDATE and DELETE on it fail while it is published; ALTER TABLE {} REPLICA IDENTITY FULL (or add a primary key), then restart", table.quoted()),
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Checks the routed tables every `every`, read-only, and sends each problem found (once per
+/// table and problem) until `shutdown`. A source that cannot be reached is retried at the next
+/// check: the stream reports lost connections itself.
+pub async fn watch(
+    source: crate::conninfo::ConnInfo,
+    tls: crate::tls::TlsConnector,
+    publication: String,
+    routed: Vec<(TableName, u32)>,
+    every: std::time::Duration,
+    problems: tokio::sync::mpsc::UnboundedSender<CatalogProblem>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut client: Option<Client> = None;
+    let mut sent: Vec<(TableName, &'static str)> = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = crate::pg::connect(&source, &tls).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let now = match inspect_routed(c, &publication, &routed).await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!(
+                    "catalog check failed, retrying at the next one: {}",
+                    safe_pg_error(&e)
+                );
+                continue;
+            }
+        };
+        for p in routed_problems(&publication, &now) {
+            if sent.contains(&(p.table.clone(), p.problem)) {
+                continue;
+            }
+            sent.push((p.table.clone(), p.problem));
+            if problems.send(p).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Selects a row while slot `$1` is streaming to a client: held by a walsender, and past its
 /// consistent point. A slot being created is also `active`, but until its consistent point is
 /// reached `confirmed_flush_lsn` is NULL, and transactions committing meanwhile are never
@@ -495,6 +662,66 @@ mod tests {
             row_filter,
             column_list,
         }
+    }
+
+    fn routed_now(name: &str) -> RoutedNow {
+        RoutedNow {
+            table: t(name),
+            oid: 100,
+            name_oid: Some(100),
+            exists: true,
+            replica_identity: "d".into(),
+            has_primary_key: true,
+            published: true,
+        }
+    }
+
+    #[test]
+    fn a_healthy_or_renamed_routed_table_is_no_problem() {
+        let mut renamed = routed_now("b");
+        renamed.name_oid = None; // its routed name is free: it was renamed
+        assert!(routed_problems("pgcarve", &[routed_now("a"), renamed]).is_empty());
+    }
+
+    #[test]
+    fn dropped_recreated_unpublished_and_identity_problems_are_found() {
+        let mut dropped = routed_now("dropped");
+        dropped.exists = false;
+        dropped.name_oid = None;
+        let mut recreated = routed_now("recreated");
+        recreated.exists = false;
+        recreated.name_oid = Some(200);
+        let mut unpublished = routed_now("unpublished");
+        unpublished.published = false;
+        let mut nothing = routed_now("nothing");
+        nothing.replica_identity = "n".into();
+        let mut no_pk = routed_now("no_pk");
+        no_pk.has_primary_key = false;
+        let mut full = routed_now("full");
+        full.replica_identity = "f".into();
+        full.has_primary_key = false;
+        let p = routed_problems(
+            "pgcarve",
+            &[dropped, recreated, unpublished, nothing, no_pk, full],
+        );
+        let codes: Vec<(String, &str)> = p
+            .iter()
+            .map(|p| (p.table.name.clone(), p.problem))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("dropped".to_string(), "dropped"),
+                ("recreated".into(), "recreated"),
+                ("unpublished".into(), "unpublished"),
+                ("nothing".into(), "replica_identity"),
+                ("no_pk".into(), "replica_identity"),
+            ]
+        );
+        assert!(p[1].message.contains("relation 200"));
+        assert!(p[2]
+            .message
+            .contains("ALTER PUBLICATION \"pgcarve\" ADD TABLE \"public\".\"unpublished\""));
     }
 
     #[test]

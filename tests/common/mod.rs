@@ -129,6 +129,20 @@ impl Daemon {
     }
 }
 
+/// The sum of a metric's series whose labels include `labels`, as the daemon renders it.
+pub fn metric(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = daemon.obs.metrics.render();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Starts the daemon in-process from a TOML config.
 pub fn start_daemon(toml: &str) -> Daemon {
     init_logging();

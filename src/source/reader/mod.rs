@@ -21,10 +21,11 @@
 pub mod feedback;
 pub mod txn;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -36,11 +37,13 @@ use crate::metrics::Metrics;
 use crate::pg::quote_ident;
 use crate::pgoutput::{self, Message};
 use crate::route::Router;
+use crate::source::catalog::CatalogProblem;
 use crate::source::conn::{ConnError, ReplicationConn};
 use crate::source::protocol::{self, ServerMessage};
+use crate::table::TableName;
 use crate::tls::TlsConnector;
 use feedback::{confirmable, seconds_since, status_due, Position};
-use txn::{route_at_begin, truncate_parts, AtCommit, OpenTxn, Relations};
+use txn::{route_at_begin, truncate_parts, AtCommit, Ddl, OpenTxn, Relations};
 
 /// Send a status update at least this often, even when nothing changed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -116,6 +119,10 @@ pub struct Reader {
     sent_confirmed: Lsn,
     metrics: Metrics,
     health: Health,
+    /// Monolith DDL already reported (each is reported once).
+    ddl_seen: HashSet<(TableName, String)>,
+    /// Problems the periodic catalog check finds (`catalog::watch`).
+    catalog_problems: Option<mpsc::UnboundedReceiver<CatalogProblem>>,
 }
 
 impl Reader {
@@ -147,7 +154,96 @@ impl Reader {
             sent_confirmed: Lsn::ZERO,
             metrics,
             health,
+            ddl_seen: HashSet::new(),
+            catalog_problems: None,
         }
+    }
+
+    /// Takes the problems the periodic catalog check finds: each stops the table's owners.
+    pub fn with_catalog_problems(mut self, rx: mpsc::UnboundedReceiver<CatalogProblem>) -> Reader {
+        self.catalog_problems = Some(rx);
+        self
+    }
+
+    /// Reports monolith DDL seen in the stream: a rename is followed, a replaced table stops
+    /// its owners.
+    async fn on_ddl(&mut self, conn: &mut ReplicationConn, ddl: Ddl) -> Result<(), ReaderError> {
+        match ddl {
+            Ddl::Renamed {
+                table,
+                now,
+                targets,
+            } => {
+                if !self
+                    .ddl_seen
+                    .insert((table.clone(), format!("renamed {now}")))
+                {
+                    return Ok(());
+                }
+                tracing::warn!(
+                    table = %table,
+                    source_name = %now,
+                    targets = %self.names(&targets),
+                    "routed table {table} is now {now} on the source (renamed or moved); its changes still go to {table} on its targets. Before the next restart, put {now} in those targets' tables and rename the target tables to match"
+                );
+                self.metrics
+                    .table_renamed
+                    .with_label_values(&[&table.to_string(), &now.to_string()])
+                    .set(1);
+            }
+            Ddl::Replaced {
+                table,
+                oid,
+                targets,
+            } => {
+                let names = self.names(&targets);
+                let problem = CatalogProblem {
+                    table: table.clone(),
+                    problem: "recreated",
+                    message: format!(
+                        "routed table {table} was dropped and recreated on the source (it is now relation {oid}): its rows since then are not those pgcarve copied; resynchronise {table} on {names} from the source, then restart"
+                    ),
+                };
+                self.halt(conn, problem, &targets).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the owners of a table an operator must look at: logged, counted, in `/health`,
+    /// and each owner stalls (holding the slot) until a restart.
+    async fn halt(
+        &mut self,
+        conn: &mut ReplicationConn,
+        p: CatalogProblem,
+        targets: &[usize],
+    ) -> Result<(), ReaderError> {
+        if !self
+            .ddl_seen
+            .insert((p.table.clone(), p.problem.to_string()))
+        {
+            return Ok(());
+        }
+        tracing::error!(table = %p.table, problem = p.problem, "{}", p.message);
+        self.metrics
+            .ddl_problem
+            .with_label_values(&[&p.table.to_string(), p.problem])
+            .set(1);
+        self.health.add_problem(p.message.clone());
+        for &i in targets {
+            self.send(conn, i, ApplyMsg::Halt(p.message.clone()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The names of targets, comma-separated.
+    fn names(&self, targets: &[usize]) -> String {
+        targets
+            .iter()
+            .map(|&i| self.links[i].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Streams until `shutdown`, reconnecting with backoff after failures.
@@ -338,13 +434,18 @@ impl Reader {
                     }
                     self.health.set_targets(self.target_statuses());
                 }
-                // 3. Timer: lag, and a status update when due.
+                // 3. The catalog check found monolith DDL pgcarve cannot follow.
+                Some(p) = next_problem(&mut self.catalog_problems) => {
+                    let targets = self.router.targets_for(&p.table).to_vec();
+                    self.halt(&mut conn, p, &targets).await?;
+                }
+                // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
                     self.update_lag();
                     self.health.set_targets(self.target_statuses());
                     self.send_status(&mut conn, false).await?;
                 }
-                // 4. The next message from the server.
+                // 5. The next message from the server.
                 data = conn.next_copy_data() => {
                     let Some(data) = data? else {
                         return Err(ReaderError::Stream("server ended the replication stream".into()));
@@ -421,7 +522,11 @@ impl Reader {
                 }
                 self.last_processed = c.end_lsn;
             }
-            Message::Relation(r) => self.relations.describe(r, &self.router),
+            Message::Relation(r) => {
+                if let Some(ddl) = self.relations.describe(r, &self.router) {
+                    self.on_ddl(conn, ddl).await?;
+                }
+            }
             Message::Insert(ins) => {
                 let rel = self.relation(ins.relation)?;
                 self.add(conn, Change::Insert { rel, new: ins.new }).await?;
@@ -523,6 +628,16 @@ impl Reader {
                 }
             }
         }
+    }
+}
+
+/// The next problem from the catalog check; pending forever without one.
+async fn next_problem(
+    rx: &mut Option<mpsc::UnboundedReceiver<CatalogProblem>>,
+) -> Option<CatalogProblem> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

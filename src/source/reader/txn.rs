@@ -30,7 +30,7 @@ use std::sync::Arc;
 use crate::link::{ApplyMsg, Change, CommitInfo, RelationInfo, XactInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{Relation, Truncate};
-use crate::route::{Router, TargetIdx};
+use crate::route::{Router, Routing, TargetIdx};
 use crate::table::TableName;
 
 /// What the open transaction means for one target, decided at its Begin.
@@ -57,6 +57,29 @@ pub fn route_at_begin(accepts_changes: bool, final_lsn: Lsn, skip_below: Lsn) ->
     }
 }
 
+/// Monolith DDL seen in the stream that concerns a routed table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ddl {
+    /// Renamed or moved to another schema: followed.
+    Renamed {
+        /// The routed name (and the table's name on the targets).
+        table: TableName,
+        /// Its name on the source now.
+        now: TableName,
+        /// Its owners.
+        targets: Vec<TargetIdx>,
+    },
+    /// The routed name now belongs to another table (`oid`): not followed.
+    Replaced {
+        /// The routed name.
+        table: TableName,
+        /// The new table's OID.
+        oid: u32,
+        /// The owners of the routed table.
+        targets: Vec<TargetIdx>,
+    },
+}
+
 /// The last Relation message of every OID seen in this stream.
 #[derive(Debug, Default)]
 pub struct Relations {
@@ -65,14 +88,38 @@ pub struct Relations {
 }
 
 impl Relations {
-    /// Records a Relation message: a new generation for its OID, owners resolved once.
-    pub fn describe(&mut self, r: Relation, router: &Router) {
-        let table = TableName {
+    /// Records a Relation message: a new generation for its OID, owners resolved once by OID
+    /// (see `crate::route`). Returns what changed about a routed table, for the reader to
+    /// report: its changes under a new name still go to its owners under the routed name; a
+    /// routed name held by a new OID goes nowhere, and its owners must stop.
+    pub fn describe(&mut self, r: Relation, router: &Router) -> Option<Ddl> {
+        let name = TableName {
             schema: r.schema().to_string(),
             name: r.name.clone(),
         };
         self.generation += 1;
-        let targets = router.targets_for(&table).to_vec();
+        let (table, targets, ddl) = match router.route(r.oid, &name) {
+            Routing::NotRouted => (name, Vec::new(), None),
+            Routing::Routed { table, targets } => (table.clone(), targets.to_vec(), None),
+            Routing::Renamed { table, targets } => (
+                table.clone(),
+                targets.to_vec(),
+                Some(Ddl::Renamed {
+                    table: table.clone(),
+                    now: name,
+                    targets: targets.to_vec(),
+                }),
+            ),
+            Routing::Replaced { table, targets } => (
+                name,
+                Vec::new(),
+                Some(Ddl::Replaced {
+                    table: table.clone(),
+                    oid: r.oid,
+                    targets: targets.to_vec(),
+                }),
+            ),
+        };
         self.by_oid.insert(
             r.oid,
             Arc::new(RelationInfo {
@@ -82,6 +129,7 @@ impl Relations {
                 targets,
             }),
         );
+        ddl
     }
 
     /// The relation a change names; an OID without a Relation message is a broken stream.
@@ -242,11 +290,46 @@ mod tests {
     fn relations() -> Relations {
         let mut r = Relations::default();
         let router = router();
-        r.describe(relation(1, "patients"), &router);
-        r.describe(relation(2, "allergies"), &router);
-        r.describe(relation(3, "claims"), &router);
-        r.describe(relation(4, "audit_log"), &router);
+        for (oid, name) in [
+            (1, "patients"),
+            (2, "allergies"),
+            (3, "claims"),
+            (4, "audit_log"),
+        ] {
+            assert_eq!(r.describe(relation(oid, name), &router), None);
+        }
         r
+    }
+
+    #[test]
+    fn a_renamed_routed_table_keeps_its_owners_and_is_reported() {
+        let mut router = router();
+        router.set_oids(&[(TableName::parse("patients").unwrap(), 1)].into());
+        let mut rels = Relations::default();
+        let ddl = rels.describe(relation(1, "patients_v2"), &router);
+        assert_eq!(
+            ddl,
+            Some(Ddl::Renamed {
+                table: TableName::parse("patients").unwrap(),
+                now: TableName::parse("patients_v2").unwrap(),
+                targets: vec![0, 1],
+            })
+        );
+        let rel = rels.get(1).unwrap();
+        assert_eq!(rel.table.name, "patients", "applied under the routed name");
+        assert_eq!(rel.targets, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_recreated_routed_table_goes_nowhere_and_is_reported() {
+        let mut router = router();
+        router.set_oids(&[(TableName::parse("patients").unwrap(), 1)].into());
+        let mut rels = Relations::default();
+        let ddl = rels.describe(relation(9, "patients"), &router);
+        assert!(
+            matches!(ddl, Some(Ddl::Replaced { oid: 9, ref targets, .. }) if targets == &[0, 1])
+        );
+        assert!(rels.get(9).unwrap().targets.is_empty());
     }
 
     fn xact() -> XactInfo {
