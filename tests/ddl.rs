@@ -25,7 +25,12 @@ async fn wait_same(env: &Env, source_table: &str, target_table: &str) {
 #[tokio::test]
 async fn a_renamed_or_moved_routed_table_keeps_reaching_its_owner() {
     let env = Env::new(SCHEMA, &[("t", &["patients", "notes"])]).await;
-    let daemon = env.start().await;
+    // A quick catalog check, to show it takes a rename for no problem.
+    let config = env
+        .config()
+        .replace("[source]\n", "[source]\ncatalog_check_secs = 0.5\n");
+    let daemon = start_daemon(&config);
+    env.wait_slot().await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
         .await
@@ -62,6 +67,7 @@ async fn a_renamed_or_moved_routed_table_keeps_reaching_its_owner() {
     .await
     .unwrap();
     wait_same(&env, "archive.patients_v2", "patients").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, body) = daemon.obs.health.report();
     assert_ne!(body["status"], "failed", "{body}");
     daemon.stop().await;

@@ -180,7 +180,7 @@ pub fn plan_source(facts: &SourceFacts) -> Result<SourceCatalog, Vec<String>> {
     for (t, table) in &facts.tables {
         let Some(f) = table else {
             problems.push(format!(
-                "routed table {t} does not exist on the source (names are case-sensitive, as stored in the catalog)"
+                "routed table {t} does not exist on the source (names are case-sensitive, as stored in the catalog; if it was renamed or moved, put its new name in the targets' tables and rename the target tables to match)"
             ));
             continue;
         };
