@@ -85,6 +85,11 @@ pub struct ApplyConfig {
     /// Threads running pgcarve's own tasks (reader, apply tasks, metrics).
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Longest time a stop (SIGTERM, SIGINT) takes, seconds: after half of it, statements
+    /// still running on targets are cancelled; at its end, pgcarve exits whatever the targets
+    /// are doing (what they committed is safe; the rest comes again from the slot).
+    #[serde(default = "default_shutdown")]
+    pub shutdown_secs: f64,
 }
 
 impl Default for ApplyConfig {
@@ -96,6 +101,7 @@ impl Default for ApplyConfig {
             retry_initial_secs: default_retry_initial(),
             retry_max_secs: default_retry_max(),
             threads: default_threads(),
+            shutdown_secs: default_shutdown(),
         }
     }
 }
@@ -134,6 +140,9 @@ fn default_group_transactions() -> usize {
 }
 fn default_retry_initial() -> f64 {
     1.0
+}
+fn default_shutdown() -> f64 {
+    30.0
 }
 fn default_retry_max() -> f64 {
     60.0
@@ -311,6 +320,12 @@ impl Config {
             problems.push(format!(
                 "apply.threads = {}: must be between 1 and 256",
                 a.threads
+            ));
+        }
+        if !(a.shutdown_secs >= 1.0 && a.shutdown_secs <= 3600.0) {
+            problems.push(format!(
+                "apply.shutdown_secs = {}: must be between 1 and 3600",
+                a.shutdown_secs
             ));
         }
         if !(a.retry_initial_secs > 0.0 && a.retry_max_secs >= a.retry_initial_secs) {

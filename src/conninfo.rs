@@ -15,6 +15,17 @@ use percent_encoding::percent_decode_str;
 
 use crate::secret::Secret;
 
+/// TCP keepalives on every connection: a peer that vanished without a reset (a black-holed
+/// network path) is noticed after idle + interval × retries, about a minute, instead of the
+/// kernel's default of over two hours.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the connection is dropped.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+/// Data sent and not acknowledged for this long drops the connection (Linux TCP_USER_TIMEOUT).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How hard to insist on TLS, with libpq's names and meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SslMode {
@@ -260,7 +271,10 @@ impl ConnInfo {
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30));
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         if let Some(pw) = &self.password {
             c.password(pw.expose());
         }

@@ -473,3 +473,38 @@ async fn a_column_added_on_the_source_stalls_until_added_on_the_target() {
     env.wait_equal("t", "patients").await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_stop_ends_in_time_while_a_target_waits_on_a_lock() {
+    let env = Env::new(
+        SCHEMA,
+        &[("locked", &["patients"]), ("free", &["patients"])],
+    )
+    .await;
+    let config = env
+        .config()
+        .replace("[apply]\n", "[apply]\nshutdown_secs = 4\n");
+    let daemon = crate::common::start_daemon(&config);
+    env.wait_slot().await;
+    // A transaction on one target holds the table: its apply task waits on the lock.
+    let mut locker = env.target("locked").await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE patients IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a'), (2, 'b')")
+        .await
+        .unwrap();
+    env.wait_equal("free", "patients").await;
+    // The stop cancels the waiting statement and ends within apply.shutdown_secs; 60 s is
+    // only the test's own deadline against a hang.
+    tokio::time::timeout(Duration::from_secs(60), daemon.stop())
+        .await
+        .expect("the daemon did not stop while a target waited on a lock");
+    lock.rollback().await.unwrap();
+    // Nothing was lost: the locked target catches up after a restart.
+    let daemon = env.start().await;
+    env.wait_equal("locked", "patients").await;
+    daemon.stop().await;
+}

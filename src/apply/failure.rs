@@ -210,6 +210,7 @@ impl Worker {
         }
         self.cache.reload(tables);
         if let Some(stmts) = commit_stmts {
+            self.canceller.follow(&client);
             self.session.client = client;
             self.session.commit_stmts = stmts;
         }

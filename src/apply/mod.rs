@@ -85,6 +85,40 @@ struct Session {
     key: ProgressKey,
 }
 
+/// Cancels the statement a target's apply task is running, so a stop never waits for a lock
+/// on the target. Follows the task's reconnects.
+#[derive(Clone)]
+pub struct Canceller {
+    token: Arc<std::sync::Mutex<tokio_postgres::CancelToken>>,
+    tls: TlsConnector,
+}
+
+impl Canceller {
+    fn new(client: &Client, tls: TlsConnector) -> Canceller {
+        Canceller {
+            token: Arc::new(std::sync::Mutex::new(client.cancel_token())),
+            tls,
+        }
+    }
+
+    /// Points at a new connection of the task.
+    fn follow(&self, client: &Client) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = client.cancel_token();
+    }
+
+    /// Asks the target to cancel the running statement (within 5 s, or gives up); the
+    /// statement then fails with 57014 and its group rolls back. The reason when it could not.
+    pub async fn cancel(&self) -> Result<(), String> {
+        let token = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cancel = token.cancel_query(self.tls.clone());
+        match tokio::time::timeout(Duration::from_secs(5), cancel).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::pg::safe_pg_error(&e)),
+            Err(_) => Err("no answer within 5 s".into()),
+        }
+    }
+}
+
 /// One target's apply task.
 pub struct Worker {
     /// Target name (metric labels, logs).
@@ -110,9 +144,16 @@ pub struct Worker {
     status: watch::Sender<TargetStatus>,
     /// Wakes the reader when the status changes.
     wake: Arc<tokio::sync::Notify>,
+    /// Cancels the running statement on a stop.
+    canceller: Canceller,
 }
 
 impl Worker {
+    /// What cancels this task's running statement.
+    pub fn canceller(&self) -> Canceller {
+        self.canceller.clone()
+    }
+
     /// The committed LSN (at start-up also durable: `prepare` flushes it).
     pub fn committed(&self) -> Lsn {
         self.positions.committed

@@ -289,7 +289,9 @@ impl Worker {
             .into_iter()
             .filter_map(|(name, tt)| tt.map(|tt| (name, tt)))
             .collect();
+        let canceller = super::Canceller::new(&client, tls.clone());
         let worker = Worker {
+            canceller,
             name: target.name.clone(),
             session: Session {
                 conn: target.conn.clone(),

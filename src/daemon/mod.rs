@@ -5,13 +5,14 @@ pub mod slot;
 pub mod startup;
 
 use std::path::Path;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Settings};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::source::reader::{Reader, TargetLink};
+use crate::source::reader::{Reader, ReaderError, TargetLink};
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +124,9 @@ async fn run_inner(
     };
     let mut links = Vec::new();
     let mut tasks = Vec::new();
+    let mut cancellers = Vec::new();
     for t in started.targets {
+        cancellers.push((t.name.clone(), t.worker.canceller()));
         let (tx, rx) = crate::link::queue::channel(settings.apply.queue_changes);
         let committed = t.worker.committed();
         tracing::info!(target_name = %t.name, committed = %committed, "target ready");
@@ -153,12 +156,60 @@ async fn run_inner(
         health.clone(),
     )
     .with_catalog_problems(problems_rx);
-    let result = reader.run(shutdown.clone()).await;
+    let mut reader = tokio::spawn(reader.run(shutdown.clone()));
+    let result = tokio::select! {
+        r = &mut reader => r,
+        _ = shutdown.cancelled() => bounded_stop(&mut reader, &cancellers, &settings.apply).await,
+    };
     watch.abort();
     health.set_phase(crate::health::Phase::Stopping);
+    // The apply tasks end once the reader is gone: each rolls back what is open and makes what
+    // it committed durable. One that does not (a dead connection) is dropped: the server rolls
+    // back its open transaction, and its progress row says what it holds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for t in tasks {
-        let _ = t.await;
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(deadline, t).await.is_err() {
+            abort.abort();
+        }
     }
     tracing::info!("stopped");
-    result.map_err(DaemonError::from)
+    match result {
+        Ok(r) => r.map_err(DaemonError::from),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(DaemonError::Startup(vec![format!("reader task: {e}")])),
+    }
+}
+
+/// Waits for the reader to stop within `apply.shutdown_secs`: after half of it, statements
+/// still running on the targets (a lock wait, say) are cancelled so the targets can answer the
+/// final barrier; at its end, the reader is dropped (what the slot was last confirmed stays
+/// confirmed; nothing is confirmed that a target did not make durable).
+async fn bounded_stop(
+    reader: &mut tokio::task::JoinHandle<Result<(), ReaderError>>,
+    cancellers: &[(String, crate::apply::Canceller)],
+    apply: &crate::config::ApplyConfig,
+) -> Result<Result<(), ReaderError>, tokio::task::JoinError> {
+    let half = Duration::from_secs_f64(apply.shutdown_secs / 2.0);
+    if let Ok(r) = tokio::time::timeout(half, &mut *reader).await {
+        return r;
+    }
+    for (name, c) in cancellers {
+        match c.cancel().await {
+            Ok(()) => {
+                tracing::warn!(target_name = %name, "stopping: cancelled the statement running on the target")
+            }
+            Err(reason) => {
+                tracing::warn!(target_name = %name, "stopping: could not cancel the statement running on the target: {reason}")
+            }
+        }
+    }
+    if let Ok(r) = tokio::time::timeout(half, &mut *reader).await {
+        return r;
+    }
+    tracing::error!(
+        "stopping: the reader did not finish within apply.shutdown_secs; leaving without a final confirmation (the slot replays what was not confirmed, and targets skip what they hold)"
+    );
+    reader.abort();
+    Ok(Ok(()))
 }

@@ -184,6 +184,7 @@ impl ReplicationConn {
             Host::Tcp(host) => {
                 let tcp = TcpStream::connect((host.as_str(), info.port)).await?;
                 tcp.set_nodelay(true)?;
+                set_keepalive(&tcp)?;
                 let mode = tls.mode();
                 if mode == SslMode::Disable || !try_tls {
                     Socket::Tcp(tcp)
@@ -555,6 +556,20 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ConnError> {
         row.push(Some(String::from_utf8(v.to_vec()).map_err(|_| bad())?));
     }
     Ok(row)
+}
+
+/// TCP keepalives and TCP_USER_TIMEOUT as on every connection (see `crate::conninfo`).
+fn set_keepalive(tcp: &TcpStream) -> io::Result<()> {
+    use crate::conninfo::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES};
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(crate::conninfo::TCP_USER_TIMEOUT))?;
+    Ok(())
 }
 
 /// Builds a [`ConnError::Server`] from an ErrorResponse body: SQLSTATE and primary message only,

@@ -65,6 +65,9 @@ pub enum ReaderError {
     /// An apply task is gone (a bug or a panic).
     #[error("apply task for target {0} stopped")]
     TargetGone(String),
+    /// A stop was requested while waiting for a target's queue to take a message.
+    #[error("stopping")]
+    Stopping,
 }
 
 /// The reader's handle on one target.
@@ -123,6 +126,8 @@ pub struct Reader {
     ddl_seen: HashSet<(TableName, String)>,
     /// Problems the periodic catalog check finds (`catalog::watch`).
     catalog_problems: Option<mpsc::UnboundedReceiver<CatalogProblem>>,
+    /// The stop request (a wait for a full queue gives way to it).
+    shutdown: CancellationToken,
 }
 
 impl Reader {
@@ -156,6 +161,7 @@ impl Reader {
             health,
             ddl_seen: HashSet::new(),
             catalog_problems: None,
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -248,13 +254,14 @@ impl Reader {
 
     /// Streams until `shutdown`, reconnecting with backoff after failures.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ReaderError> {
+        self.shutdown = shutdown.clone();
         let mut attempts = 0u32;
         loop {
             let result = self.stream_once(&shutdown).await;
             self.metrics.source_connected.set(0);
             self.health.set_source_connected(false);
             match result {
-                Ok(StreamEnd::Shutdown) => return Ok(()),
+                Ok(StreamEnd::Shutdown) | Err(ReaderError::Stopping) => return Ok(()),
                 Ok(StreamEnd::RetryTarget) => {
                     attempts = 0;
                     self.barrier().await?;
@@ -395,6 +402,27 @@ impl Reader {
         Ok(())
     }
 
+    /// The end of a stream on shutdown: quiesce the targets (for at most most of
+    /// `apply.shutdown_secs`: the daemon cancels statements that hold them up), confirm what is
+    /// durable, close.
+    async fn stop_streaming(
+        &mut self,
+        mut conn: ReplicationConn,
+    ) -> Result<StreamEnd, ReaderError> {
+        let grace = Duration::from_secs_f64(self.settings.apply.shutdown_secs * 0.8);
+        match tokio::time::timeout(grace, self.barrier()).await {
+            Ok(r) => r?,
+            // Positions stay as they were: what the silent targets made durable is what their
+            // status says, and only that is confirmed.
+            Err(_) => tracing::warn!(
+                "targets did not finish within apply.shutdown_secs; confirming what they made durable"
+            ),
+        }
+        self.send_status(&mut conn, true).await?;
+        conn.close().await;
+        Ok(StreamEnd::Shutdown)
+    }
+
     async fn stream_once(
         &mut self,
         shutdown: &CancellationToken,
@@ -418,12 +446,7 @@ impl Reader {
             tokio::select! {
                 biased;
                 // 1. Shutdown: quiesce targets, confirm what is durable, leave.
-                _ = shutdown.cancelled() => {
-                    self.barrier().await?;
-                    self.send_status(&mut conn, true).await?;
-                    conn.close().await;
-                    return Ok(StreamEnd::Shutdown);
-                }
+                _ = shutdown.cancelled() => return self.stop_streaming(conn).await,
                 // 2. A target changed state: a retry-ready failed target restarts the stream.
                 _ = self.wake.notified() => {
                     if self.links.iter().any(|l| matches!(l.status.borrow().state,
@@ -450,7 +473,10 @@ impl Reader {
                     let Some(data) = data? else {
                         return Err(ReaderError::Stream("server ended the replication stream".into()));
                     };
-                    self.handle(&mut conn, data).await?;
+                    match self.handle(&mut conn, data).await {
+                        Err(ReaderError::Stopping) => return self.stop_streaming(conn).await,
+                        r => r?,
+                    }
                 }
             }
         }
@@ -626,6 +652,7 @@ impl Reader {
                     self.update_lag();
                     self.send_status(conn, true).await?;
                 }
+                _ = self.shutdown.cancelled() => return Err(ReaderError::Stopping),
             }
         }
     }
