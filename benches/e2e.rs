@@ -14,6 +14,10 @@
 //! - `small`: single-row transactions, one target;
 //! - `fanout3`: the bulk workload into three target databases. pgcarve decodes once for all
 //!   three; native replication needs one slot and one walsender decoding per subscription.
+//! - `isolation`: the bulk workload into two targets, one of which rejects every row (a CHECK
+//!   constraint) and so stalls on its first transaction for the whole run; compared with
+//!   pgcarve on the same two targets both healthy, by the healthy target's rows/s (a sick
+//!   target must not slow the others: aim ≥ 0.9×).
 //!
 //! `cargo bench --bench e2e`. Knobs (environment): `PGCARVE_BENCH_ROWS` (default 200000; the
 //! small scenario uses a tenth), `PGCARVE_BENCH_ROUNDS` (default 3, the median is reported),
@@ -40,11 +44,12 @@ const SCHEMA: &str = "
     );
     CREATE TABLE bench_done (id int PRIMARY KEY);";
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Scenario {
     Bulk,
     Small,
     Fanout3,
+    Isolation,
 }
 
 impl Scenario {
@@ -53,11 +58,13 @@ impl Scenario {
             Scenario::Bulk => "bulk",
             Scenario::Small => "small",
             Scenario::Fanout3 => "fanout3",
+            Scenario::Isolation => "isolation",
         }
     }
     fn targets(self) -> usize {
         match self {
             Scenario::Fanout3 => 3,
+            Scenario::Isolation => 2,
             _ => 1,
         }
     }
@@ -92,6 +99,8 @@ impl Scenario {
 enum Consumer {
     Pgcarve,
     Native,
+    /// pgcarve with the last target rejecting every row (the isolation scenario).
+    PgcarveOneFailing,
 }
 
 struct Bench {
@@ -139,7 +148,7 @@ impl Bench {
             .unwrap();
         // One slot for pgcarve; one per subscription for native replication.
         let slots: Vec<String> = match consumer {
-            Consumer::Pgcarve => vec!["carve".into()],
+            Consumer::Pgcarve | Consumer::PgcarveOneFailing => vec!["carve".into()],
             Consumer::Native => (0..scenario.targets()).map(|i| format!("sub{i}")).collect(),
         };
         for s in &slots {
@@ -153,6 +162,18 @@ impl Bench {
         for _ in 0..scenario.targets() {
             targets.push(self.fresh_db(&self.target, "dst").await);
         }
+        // The sick target: every row breaks a constraint, so its first transaction fails and
+        // keeps failing.
+        let healthy = match consumer {
+            Consumer::PgcarveOneFailing => {
+                let (_, sick) = targets.last().expect("a target");
+                sick.batch_execute("ALTER TABLE rx ADD CONSTRAINT reject_all CHECK (id < 0)")
+                    .await
+                    .unwrap();
+                targets.len() - 1
+            }
+            _ => targets.len(),
+        };
 
         src.batch_execute(&scenario.workload(scenario.rows(rows)))
             .await
@@ -187,7 +208,7 @@ impl Bench {
             locks.push(l);
         }
         let daemon = match consumer {
-            Consumer::Pgcarve => {
+            Consumer::Pgcarve | Consumer::PgcarveOneFailing => {
                 let mut toml = format!(
                     "[source]\nurl = {:?}\nslot = \"carve\"\npublication = \"pub\"\n\n[metrics]\nlisten = \"\"\n{}",
                     self.source.url(&src_db),
@@ -246,7 +267,7 @@ impl Bench {
         for l in &locks {
             l.batch_execute("COMMIT").await.unwrap();
         }
-        for (_, t) in &targets {
+        for (_, t) in &targets[..healthy] {
             loop {
                 let done = t
                     .query_opt("SELECT 1 FROM bench_done", &[])
@@ -277,6 +298,7 @@ impl Bench {
                 .await
                 .unwrap()
                 .get(0);
+            let want = if i < healthy { want } else { 0 };
             assert_eq!(
                 n, want,
                 "{consumer:?} target {db}: row count {n}, want {want}"
@@ -333,11 +355,19 @@ fn main() {
     let rounds: usize = env_or("PGCARVE_BENCH_ROUNDS", 3);
     let fsync: String = env_or("PGCARVE_BENCH_FSYNC", "on".to_string());
     let native_sync: String = env_or("PGCARVE_BENCH_NATIVE_SYNC", "off".to_string());
-    let wanted: String = env_or("PGCARVE_BENCH_SCENARIOS", "bulk,small,fanout3".to_string());
-    let scenarios: Vec<Scenario> = [Scenario::Bulk, Scenario::Small, Scenario::Fanout3]
-        .into_iter()
-        .filter(|s| wanted.split(',').any(|w| w.trim() == s.name()))
-        .collect();
+    let wanted: String = env_or(
+        "PGCARVE_BENCH_SCENARIOS",
+        "bulk,small,fanout3,isolation".to_string(),
+    );
+    let scenarios: Vec<Scenario> = [
+        Scenario::Bulk,
+        Scenario::Small,
+        Scenario::Fanout3,
+        Scenario::Isolation,
+    ]
+    .into_iter()
+    .filter(|s| wanted.split(',').any(|w| w.trim() == s.name()))
+    .collect();
 
     pgcarve::localpg::reap_stale_dirs();
     let opts = ClusterOptions {
@@ -386,10 +416,15 @@ fn main() {
             let (mut carve, mut native) = (Vec::new(), Vec::new());
             for round in 0..rounds {
                 // Alternate who goes first, so drift on a shared machine hits both.
+                // The isolation scenario's baseline is pgcarve with both targets healthy.
+                let other = match scenario {
+                    Scenario::Isolation => Consumer::PgcarveOneFailing,
+                    _ => Consumer::Native,
+                };
                 let order = if round % 2 == 0 {
-                    [Consumer::Pgcarve, Consumer::Native]
+                    [Consumer::Pgcarve, other]
                 } else {
-                    [Consumer::Native, Consumer::Pgcarve]
+                    [other, Consumer::Pgcarve]
                 };
                 for c in order {
                     let secs = bench.measure(scenario, c, rows).await;
@@ -400,11 +435,23 @@ fn main() {
                     );
                     match c {
                         Consumer::Pgcarve => carve.push(rate),
-                        Consumer::Native => native.push(rate),
+                        Consumer::Native | Consumer::PgcarveOneFailing => native.push(rate),
                     }
                 }
             }
             let (c, nat) = (median(carve), median(native));
+            if scenario == Scenario::Isolation {
+                // The healthy target with a sick neighbour, over the same with none.
+                println!(
+                    "{:<9} {:>12} {:>14.0} {:>14.0} {:>7.2}x   (one failing / none failing; healthy target's rows/s)",
+                    scenario.name(),
+                    n,
+                    nat,
+                    c,
+                    nat / c
+                );
+                continue;
+            }
             println!(
                 "{:<9} {:>12} {:>14.0} {:>14.0} {:>7.2}x",
                 scenario.name(),

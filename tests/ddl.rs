@@ -155,4 +155,10 @@ async fn a_dropped_and_recreated_routed_table_stops_its_owner_and_holds_the_slot
         "the slot moved past a change the stopped target did not apply"
     );
     daemon.stop().await;
+    // The stop outlives a restart: start-up refuses until an operator clears it.
+    let err = env.start_error().await;
+    assert!(
+        err.contains("stopped by an earlier run") && err.contains("recreated"),
+        "{err}"
+    );
 }

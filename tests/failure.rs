@@ -346,6 +346,12 @@ async fn a_target_whose_progress_goes_back_stalls_instead_of_skipping() {
         .get(0);
     assert_eq!(n, 0, "a target that lost history must not be written to");
     daemon.stop().await;
+    // A restart does not stream on past the hole.
+    let err = env.start_error().await;
+    assert!(
+        err.contains("stopped by an earlier run") && err.contains("went back"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -117,6 +117,9 @@ impl Worker {
             err
         );
         let needs_operator = err.needs_operator();
+        if needs_operator {
+            self.persist_halt(&err).await;
+        }
         self.publish(TargetState::Stalled {
             attempts,
             retry_ready: false,
@@ -131,6 +134,27 @@ impl Worker {
             retry_at: Instant::now() + delay,
             ready: false,
         });
+    }
+
+    /// Records on the target why it stopped, so a restart does not stream on past it.
+    async fn persist_halt(&mut self, err: &ApplyError) {
+        let key = &self.session.key;
+        let lsn = self.positions.committed.to_string();
+        let reason = err.to_string();
+        let params: [&(dyn postgres_types::ToSql + Sync); 5] =
+            [&key.system_id, &key.slot, &key.target, &lsn, &reason];
+        if let Err(e) = self
+            .session
+            .client
+            .execute(progress::HALT_SQL, &params)
+            .await
+        {
+            tracing::error!(
+                target_name = %self.name,
+                "could not record the stop in pgcarve.progress ({}): after a restart, check this target before it streams again",
+                safe_pg_error(&e)
+            );
+        }
     }
 
     /// The backoff ended: say so, so the reader restarts the stream for the retry.
@@ -198,7 +222,7 @@ impl Worker {
         let reloaded = progress::read(&client, &self.session.key)
             .await
             .map_err(conn_err)?
-            .unwrap_or(Lsn::ZERO);
+            .map_or(Lsn::ZERO, |p| p.lsn);
         // The cause may have been fixed in the target's schema (a column added, a trigger or a
         // rule changed): plan from its catalog as it is now.
         let mut tables = HashMap::with_capacity(self.cache.owned.len());

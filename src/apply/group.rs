@@ -73,8 +73,8 @@ pub(super) struct Group {
     /// Row statements sent and not yet answered, across the source transactions of the group;
     /// drained before COPY, TRUNCATE and COMMIT.
     in_flight: FuturesOrdered<Flight>,
-    /// Constraints made immediate while identity columns are writable, deferred again after.
-    pub undeferred: String,
+    /// Constraints were made immediate while identity columns are writable: defer them again.
+    pub undeferred: bool,
 }
 
 impl Default for Group {
@@ -88,7 +88,7 @@ impl Default for Group {
             rows: HashMap::new(),
             pending: None,
             in_flight: FuturesOrdered::new(),
-            undeferred: String::new(),
+            undeferred: false,
         }
     }
 }
@@ -224,13 +224,17 @@ impl Worker {
                 name: String::new(),
             });
         let tables: Vec<TableName> = names.into_iter().map(|(t, _)| t).collect();
-        let undeferred = self.check_deferred_now(&tables, "truncate").await?;
+        // Every check queued on these tables runs now, also initially deferred ones: the source
+        // could not have truncated them with checks pending either (55006).
+        let undeferred = self.check_deferred_now(&tables, true, "truncate").await?;
         self.session
             .client
             .batch_execute(&sql)
             .await
             .map_err(|e| ApplyError::from_pg(&e, &first, "truncate"))?;
-        self.defer_again(&undeferred, &first, "truncate").await?;
+        if undeferred {
+            self.defer_again(&first, "truncate").await?;
+        }
         for r in rels {
             self.count(r, "truncate");
         }
@@ -429,7 +433,7 @@ impl Worker {
         self.group.txns = 0;
         self.group.complete = true;
         self.group.rows.clear();
-        self.group.undeferred.clear();
+        self.group.undeferred = false;
     }
 
     /// Writes the progress row and commits the group; records where its commit lies in the
@@ -487,7 +491,7 @@ impl Worker {
 const DEFERRABLE_CONSTRAINTS_SQL: &str = "\
     SELECT coalesce(string_agg(DISTINCT format('%I.%I', n.nspname, c.conname), ', '), '') \
     FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace \
-    WHERE c.condeferrable \
+    WHERE c.condeferrable AND ($2 OR NOT c.condeferred) \
       AND (c.conrelid = ANY($1::text[]::regclass[]) OR c.confrelid = ANY($1::text[]::regclass[]))";
 
 impl Worker {
@@ -495,46 +499,46 @@ impl Worker {
     /// them (PostgreSQL refuses both on a table with pending trigger events, 55006). Target
     /// transactions defer every deferrable constraint to the commit, because a source statement
     /// that touched several rows arrives as one statement per row and an initially-immediate
-    /// deferrable constraint held only at the end of the source's statement. At a source
-    /// statement boundary such as this one, those held on the source. Returns the constraints
-    /// made immediate, for [`Worker::defer_again`].
+    /// deferrable constraint held only at the end of the source's statement: at a source
+    /// statement boundary such as this one, those held on the source. Initially deferred ones
+    /// are included only when asked (`all`): the source checks them at its commit, and mid-way
+    /// they may not hold yet. Returns whether any constraint was made immediate.
     pub(super) async fn check_deferred_now(
         &mut self,
         tables: &[TableName],
+        all: bool,
         op: &'static str,
-    ) -> Result<String, ApplyError> {
+    ) -> Result<bool, ApplyError> {
         let Some(first) = tables.first() else {
-            return Ok(String::new());
+            return Ok(false);
         };
         let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
         let client = &self.session.client;
         let names: String = client
-            .query_one(DEFERRABLE_CONSTRAINTS_SQL, &[&quoted])
+            .query_one(DEFERRABLE_CONSTRAINTS_SQL, &[&quoted, &all])
             .await
             .map_err(|e| ApplyError::from_pg(&e, first, op))?
             .get(0);
-        if !names.is_empty() {
-            client
-                .batch_execute(&format!("SET CONSTRAINTS {names} IMMEDIATE"))
-                .await
-                .map_err(|e| ApplyError::from_pg(&e, first, op))?;
+        if names.is_empty() {
+            return Ok(false);
         }
-        Ok(names)
+        client
+            .batch_execute(&format!("SET CONSTRAINTS {names} IMMEDIATE"))
+            .await
+            .map_err(|e| ApplyError::from_pg(&e, first, op))?;
+        Ok(true)
     }
 
-    /// Defers again what [`Worker::check_deferred_now`] made immediate.
+    /// Defers every deferrable constraint again, the state each target transaction starts in
+    /// (by name it could also hit a same-named non-deferrable constraint of another table).
     pub(super) async fn defer_again(
         &mut self,
-        names: &str,
         table: &TableName,
         op: &'static str,
     ) -> Result<(), ApplyError> {
-        if names.is_empty() {
-            return Ok(());
-        }
         self.session
             .client
-            .batch_execute(&format!("SET CONSTRAINTS {names} DEFERRED"))
+            .batch_execute("SET CONSTRAINTS ALL DEFERRED")
             .await
             .map_err(|e| ApplyError::from_pg(&e, table, op))
     }

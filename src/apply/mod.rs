@@ -191,7 +191,12 @@ impl Worker {
                 tokio::select! {
                     msg = rx.recv() => match msg {
                         None => break,
-                        Some(ApplyMsg::Chunk { .. }) | Some(ApplyMsg::Halt(_)) => {}
+                        Some(ApplyMsg::Chunk { .. }) => {}
+                        // Stalled already, maybe for a retryable error: a halt must still stop
+                        // it for good, or the next retry would carry on past it.
+                        Some(ApplyMsg::Halt(reason)) => {
+                            self.stall(ApplyError::Halted(reason), None).await;
+                        }
                         Some(ApplyMsg::Barrier(reply)) => self.barrier_while_stalled(reply).await,
                     },
                     _ = tokio::time::sleep_until(retry_at), if waiting => self.retry_ready(),

@@ -47,6 +47,8 @@ pub struct TargetFacts {
     pub tables: Vec<(TableName, Option<TargetTable>)>,
     /// This target's progress: `None` when `pgcarve.progress` or its row does not exist.
     pub progress: Option<Lsn>,
+    /// Why an earlier run stopped this target for an operator, if it did and nobody cleared it.
+    pub halted: Option<String>,
 }
 
 /// Opens a target session: asynchronous commits (durability is tracked from the WAL flush
@@ -93,11 +95,12 @@ pub async fn inspect(
     for table in &target.tables {
         tables.push((table.clone(), load_table(client, table).await?));
     }
-    let progress = progress::read(client, key).await?;
+    let row = progress::read(client, key).await?;
     Ok(TargetFacts {
         wal_position,
         tables,
-        progress,
+        progress: row.as_ref().map(|p| p.lsn),
+        halted: row.and_then(|p| p.halted),
     })
 }
 
@@ -115,6 +118,13 @@ pub fn problems(
         )];
     }
     let mut problems = Vec::new();
+    if let Some(reason) = &facts.halted {
+        problems.push(format!(
+            "target {} was stopped by an earlier run and stays stopped until an operator clears it: {reason}. Once it is resynchronised: UPDATE pgcarve.progress SET halted = NULL WHERE target = '{}'",
+            target.name,
+            target.name.replace('\'', "''")
+        ));
+    }
     for (table, tt) in &facts.tables {
         let Some(tt) = tt else {
             problems.push(format!(
@@ -360,7 +370,18 @@ mod tests {
                 }),
             )],
             progress: None,
+            halted: None,
         }
+    }
+
+    #[test]
+    fn a_target_stopped_by_an_earlier_run_is_refused_with_the_way_out() {
+        let mut f = facts(&[("id", column(true, false))]);
+        f.halted = Some("routed table public.patients was dropped".into());
+        let p = problems(&target(), &f, &source(&["id"]));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("was dropped"));
+        assert!(p[0].contains("SET halted = NULL WHERE target = 'patient'"));
     }
 
     fn source(cols: &[&str]) -> HashMap<TableName, Vec<String>> {

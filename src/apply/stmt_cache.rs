@@ -231,8 +231,10 @@ impl Worker {
         op: &'static str,
     ) -> Result<(), ApplyError> {
         if kind != "ALWAYS" {
+            // Initially deferred checks stay deferred: mid-transaction they may not hold yet.
+            // If one is pending on this table, the ALTER is refused (55006) and says so.
             self.group.undeferred = self
-                .check_deferred_now(std::slice::from_ref(table), op)
+                .check_deferred_now(std::slice::from_ref(table), false, op)
                 .await?;
         }
         let alters: Vec<String> = cols
@@ -248,9 +250,8 @@ impl Worker {
             ))
             .await
             .map_err(|e| ApplyError::from_pg(&e, table, op))?;
-        if kind == "ALWAYS" {
-            let names = std::mem::take(&mut self.group.undeferred);
-            self.defer_again(&names, table, op).await?;
+        if kind == "ALWAYS" && std::mem::take(&mut self.group.undeferred) {
+            self.defer_again(table, op).await?;
         }
         Ok(())
     }

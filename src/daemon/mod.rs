@@ -157,16 +157,19 @@ async fn run_inner(
     )
     .with_catalog_problems(problems_rx);
     let mut reader = tokio::spawn(reader.run(shutdown.clone()));
-    let result = tokio::select! {
-        r = &mut reader => r,
-        _ = shutdown.cancelled() => bounded_stop(&mut reader, &cancellers, &settings.apply).await,
+    let stop_by = Duration::from_secs_f64(settings.apply.shutdown_secs);
+    let (result, deadline) = tokio::select! {
+        r = &mut reader => (r, tokio::time::Instant::now() + Duration::from_secs(5)),
+        _ = shutdown.cancelled() => {
+            let deadline = tokio::time::Instant::now() + stop_by;
+            (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
+        }
     };
     watch.abort();
     health.set_phase(crate::health::Phase::Stopping);
     // The apply tasks end once the reader is gone: each rolls back what is open and makes what
     // it committed durable. One that does not (a dead connection) is dropped: the server rolls
     // back its open transaction, and its progress row says what it holds.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for t in tasks {
         let abort = t.abort_handle();
         if tokio::time::timeout_at(deadline, t).await.is_err() {
@@ -181,30 +184,29 @@ async fn run_inner(
     }
 }
 
-/// Waits for the reader to stop within `apply.shutdown_secs`: after half of it, statements
-/// still running on the targets (a lock wait, say) are cancelled so the targets can answer the
-/// final barrier; at its end, the reader is dropped (what the slot was last confirmed stays
-/// confirmed; nothing is confirmed that a target did not make durable).
+/// Waits for the reader to stop by `deadline` (`apply.shutdown_secs` after the request):
+/// halfway, statements still running on the targets (a lock wait, say) are cancelled, all at
+/// once, so the targets can answer the final barrier; at the deadline the reader is dropped
+/// (what the slot was last confirmed stays confirmed; nothing is confirmed that a target did
+/// not make durable). The apply tasks' own wait ends at the same deadline.
 async fn bounded_stop(
     reader: &mut tokio::task::JoinHandle<Result<(), ReaderError>>,
     cancellers: &[(String, crate::apply::Canceller)],
-    apply: &crate::config::ApplyConfig,
+    deadline: tokio::time::Instant,
 ) -> Result<Result<(), ReaderError>, tokio::task::JoinError> {
-    let half = Duration::from_secs_f64(apply.shutdown_secs / 2.0);
-    if let Ok(r) = tokio::time::timeout(half, &mut *reader).await {
+    let now = tokio::time::Instant::now();
+    let halfway = now + deadline.saturating_duration_since(now) / 2;
+    if let Ok(r) = tokio::time::timeout_at(halfway, &mut *reader).await {
         return r;
     }
-    for (name, c) in cancellers {
+    let cancels = futures::future::join_all(cancellers.iter().map(|(name, c)| async move {
         match c.cancel().await {
-            Ok(()) => {
-                tracing::warn!(target_name = %name, "stopping: cancelled the statement running on the target")
-            }
-            Err(reason) => {
-                tracing::warn!(target_name = %name, "stopping: could not cancel the statement running on the target: {reason}")
-            }
+            Ok(()) => tracing::warn!(target_name = %name, "stopping: cancelled the statement running on the target"),
+            Err(reason) => tracing::warn!(target_name = %name, "stopping: could not cancel the statement running on the target: {reason}"),
         }
-    }
-    if let Ok(r) = tokio::time::timeout(half, &mut *reader).await {
+    }));
+    let _ = tokio::time::timeout_at(deadline, cancels).await;
+    if let Ok(r) = tokio::time::timeout_at(deadline, &mut *reader).await {
         return r;
     }
     tracing::error!(

@@ -422,6 +422,8 @@ pub struct RoutedNow {
     pub replica_identity: String,
     /// It has a primary key.
     pub has_primary_key: bool,
+    /// It has an index marked as its replica identity (for `REPLICA IDENTITY USING INDEX`).
+    pub has_identity_index: bool,
     /// It is in the publication (directly, through its schema, or FOR ALL TABLES).
     pub published: bool,
 }
@@ -439,6 +441,7 @@ pub async fn inspect_routed(
             "SELECT r.i, to_regclass(r.name)::oid, c.oid IS NOT NULL, \
                     coalesce(c.relreplident::text, ''), \
                     EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = r.oid AND x.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = r.oid AND x.indisreplident), \
                     EXISTS (SELECT 1 FROM pg_publication_tables pt \
                             WHERE pt.pubname = $3 AND pt.schemaname = n.nspname \
                               AND pt.tablename = c.relname) \
@@ -459,7 +462,8 @@ pub async fn inspect_routed(
             exists: r.get(2),
             replica_identity: r.get(3),
             has_primary_key: r.get(4),
-            published: r.get(5),
+            has_identity_index: r.get(5),
+            published: r.get(6),
         })
         .collect())
 }
@@ -481,7 +485,7 @@ pub fn routed_problems(publication: &str, now: &[RoutedNow]) -> Vec<CatalogProbl
             out.push(match t.name_oid {
                 Some(new) => problem(
                     "recreated",
-                    format!("routed table {table} was dropped and recreated on the source (it is now relation {new}, not in the publication): its new rows do not reach the targets; add it to publication {publication}, resynchronise {table} on its targets, then restart"),
+                    format!("routed table {table} was dropped and recreated on the source (it is now relation {new}): the new table is other data under the same name; make sure it is in publication {publication}, resynchronise {table} on its targets, clear their halted mark, then restart"),
                 ),
                 None => problem(
                     "dropped",
@@ -500,6 +504,10 @@ pub fn routed_problems(publication: &str, now: &[RoutedNow]) -> Vec<CatalogProbl
             "n" => out.push(problem(
                 "replica_identity",
                 format!("routed table {table} now has REPLICA IDENTITY NOTHING: the monolith's UPDATE and DELETE on it fail while it is published; ALTER TABLE {} REPLICA IDENTITY FULL (or DEFAULT with a primary key), then restart", table.quoted()),
+            )),
+            "i" if !t.has_identity_index => out.push(problem(
+                "replica_identity",
+                format!("routed table {table} lost the index of its REPLICA IDENTITY USING INDEX: the monolith's UPDATE and DELETE on it fail while it is published; ALTER TABLE {} REPLICA IDENTITY USING INDEX … (or FULL), then restart", table.quoted()),
             )),
             "d" if !t.has_primary_key => out.push(problem(
                 "replica_identity",
@@ -672,6 +680,7 @@ mod tests {
             exists: true,
             replica_identity: "d".into(),
             has_primary_key: true,
+            has_identity_index: false,
             published: true,
         }
     }

@@ -460,7 +460,10 @@ impl Reader {
                 // 3. The catalog check found monolith DDL pgcarve cannot follow.
                 Some(p) = next_problem(&mut self.catalog_problems) => {
                     let targets = self.router.targets_for(&p.table).to_vec();
-                    self.halt(&mut conn, p, &targets).await?;
+                    match self.halt(&mut conn, p, &targets).await {
+                        Err(ReaderError::Stopping) => return self.stop_streaming(conn).await,
+                        r => r?,
+                    }
                 }
                 // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
