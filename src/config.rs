@@ -90,6 +90,10 @@ pub struct ApplyConfig {
     /// are doing (what they committed is safe; the rest comes again from the slot).
     #[serde(default = "default_shutdown")]
     pub shutdown_secs: f64,
+    /// A target that has work and commits none of it for this long (a lock wait, a dead
+    /// connection) is reported as not progressing, seconds.
+    #[serde(default = "default_hung")]
+    pub hung_secs: f64,
 }
 
 impl Default for ApplyConfig {
@@ -102,6 +106,7 @@ impl Default for ApplyConfig {
             retry_max_secs: default_retry_max(),
             threads: default_threads(),
             shutdown_secs: default_shutdown(),
+            hung_secs: default_hung(),
         }
     }
 }
@@ -140,6 +145,9 @@ fn default_group_transactions() -> usize {
 }
 fn default_retry_initial() -> f64 {
     1.0
+}
+fn default_hung() -> f64 {
+    60.0
 }
 fn default_shutdown() -> f64 {
     30.0
@@ -320,6 +328,12 @@ impl Config {
             problems.push(format!(
                 "apply.threads = {}: must be between 1 and 256",
                 a.threads
+            ));
+        }
+        if !(a.hung_secs > 0.0 && a.hung_secs <= 86400.0) {
+            problems.push(format!(
+                "apply.hung_secs = {}: must be > 0 and at most 86400",
+                a.hung_secs
             ));
         }
         if !(a.shutdown_secs >= 1.0 && a.shutdown_secs <= 3600.0) {

@@ -46,6 +46,8 @@ struct State {
     targets: Vec<(String, TargetStatus)>,
     /// Conditions an operator must fix (monolith DDL pgcarve cannot follow), with the fix.
     problems: Vec<String>,
+    /// Targets with work that committed nothing for `apply.hung_secs`.
+    not_progressing: Vec<String>,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -63,6 +65,7 @@ impl Default for Health {
             confirmed: Lsn::ZERO,
             targets: Vec::new(),
             problems: Vec::new(),
+            not_progressing: Vec::new(),
         })))
     }
 }
@@ -74,6 +77,7 @@ pub fn verdict(
     source_down_for: Option<Duration>,
     fatal: bool,
     targets: &[TargetState],
+    targets_stuck: bool,
 ) -> &'static str {
     let needs_operator = |t: &TargetState| {
         matches!(
@@ -91,6 +95,7 @@ pub fn verdict(
         return "failed";
     }
     if phase != Phase::Streaming
+        || targets_stuck
         || !source_connected
         || targets.iter().any(|t| *t != TargetState::Streaming)
     {
@@ -137,6 +142,11 @@ impl Health {
         });
     }
 
+    /// Records which targets are not making progress.
+    pub fn set_not_progressing(&self, targets: Vec<String>) {
+        self.with(|s| s.not_progressing = targets);
+    }
+
     /// Records lag and confirmed position.
     pub fn set_lag(&self, lag: f64, confirmed: Lsn) {
         self.with(|s| {
@@ -160,6 +170,7 @@ impl Health {
             s.source_down_since.map(|t| t.elapsed()),
             s.fatal.is_some() || !s.problems.is_empty(),
             &states,
+            !s.not_progressing.is_empty(),
         );
         let targets: serde_json::Map<String, serde_json::Value> = s
             .targets
@@ -174,14 +185,20 @@ impl Health {
                         needs_operator,
                         error,
                     } => (
-                        if *needs_operator { "failed" } else { "retrying" },
+                        if *needs_operator {
+                            "failed"
+                        } else {
+                            "retrying"
+                        },
                         json!({"attempts": attempts, "retry_ready": retry_ready,
                                "needs_operator": needs_operator, "error": error}),
                     ),
                 };
+                let progressing = !s.not_progressing.contains(name);
                 (
                     name.clone(),
-                    json!({"state": state, "committed_lsn": t.committed.to_string(), "failure": extra}),
+                    json!({"state": state, "committed_lsn": t.committed.to_string(),
+                           "progressing": progressing, "failure": extra}),
                 )
             })
             .collect();
@@ -206,14 +223,18 @@ mod tests {
     #[test]
     fn verdicts() {
         let ok = [TargetState::Streaming];
-        assert_eq!(verdict(Phase::Streaming, true, None, false, &ok), "healthy");
+        assert_eq!(
+            verdict(Phase::Streaming, true, None, false, &ok, false),
+            "healthy"
+        );
         assert_eq!(
             verdict(
                 Phase::Starting,
                 false,
                 Some(Duration::from_secs(1)),
                 false,
-                &ok
+                &ok,
+                false
             ),
             "degraded"
         );
@@ -223,18 +244,18 @@ mod tests {
             needs_operator: false,
             error: String::new(),
         }];
-        let stuck = [TargetState::Stalled {
+        let needs_operator = [TargetState::Stalled {
             attempts: 1,
             retry_ready: false,
             needs_operator: true,
             error: String::new(),
         }];
         assert_eq!(
-            verdict(Phase::Streaming, true, None, false, &stuck),
+            verdict(Phase::Streaming, true, None, false, &needs_operator, false),
             "failed"
         );
         assert_eq!(
-            verdict(Phase::Streaming, true, None, false, &retrying),
+            verdict(Phase::Streaming, true, None, false, &retrying, false),
             "degraded"
         );
         assert_eq!(
@@ -243,10 +264,19 @@ mod tests {
                 false,
                 Some(Duration::from_secs(61)),
                 false,
-                &ok
+                &ok,
+                false
             ),
             "failed"
         );
-        assert_eq!(verdict(Phase::Streaming, true, None, true, &ok), "failed");
+        assert_eq!(
+            verdict(Phase::Streaming, true, None, true, &ok, false),
+            "failed"
+        );
+        // Applying, but a target with work has committed nothing for apply.hung_secs.
+        assert_eq!(
+            verdict(Phase::Streaming, true, None, false, &ok, true),
+            "degraded"
+        );
     }
 }

@@ -31,6 +31,8 @@ pub const CONFIRMED_LSN: &str = "migration_confirmed_lsn";
 pub const RECEIVED_LSN: &str = "migration_received_lsn";
 /// The LSN each target has durably committed.
 pub const TARGET_COMMITTED_LSN: &str = "migration_target_committed_lsn";
+/// Seconds a target has had work without committing any of it (0 while it moves or is idle).
+pub const TARGET_STUCK_SECONDS: &str = "migration_target_stuck_seconds";
 /// 1 while monolith DDL on a routed table needs an operator, by table and problem.
 pub const DDL_PROBLEM: &str = "migration_ddl_problem";
 /// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
@@ -65,6 +67,8 @@ pub struct Metrics {
     pub received_lsn: IntGauge,
     /// See [`TARGET_COMMITTED_LSN`].
     pub target_committed_lsn: IntGaugeVec,
+    /// See [`TARGET_STUCK_SECONDS`].
+    pub target_stuck_seconds: GaugeVec,
     /// See [`DDL_PROBLEM`].
     pub ddl_problem: IntGaugeVec,
     /// See [`TABLE_RENAMED`].
@@ -158,6 +162,15 @@ impl Metrics {
             &["table", "source_name"],
         )
         .unwrap();
+        let target_stuck_seconds = GaugeVec::new(
+            Opts::new(
+                TARGET_STUCK_SECONDS,
+                "Seconds the target has had work without committing any of it (a lock wait, a dead connection); 0 while it moves or is idle.",
+            ),
+            &["target"],
+        )
+        .unwrap();
+        reg(Box::new(target_stuck_seconds.clone()));
         reg(Box::new(ddl_problem.clone()));
         reg(Box::new(table_renamed.clone()));
         reg(Box::new(lag_seconds.clone()));
@@ -188,6 +201,7 @@ impl Metrics {
             target_committed_lsn,
             ddl_problem,
             table_renamed,
+            target_stuck_seconds,
         }
     }
 

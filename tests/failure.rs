@@ -489,7 +489,7 @@ async fn a_stop_ends_in_time_while_a_target_waits_on_a_lock() {
     .await;
     let config = env
         .config()
-        .replace("[apply]\n", "[apply]\nshutdown_secs = 4\n");
+        .replace("[apply]\n", "[apply]\nshutdown_secs = 4\nhung_secs = 1\n");
     let daemon = crate::common::start_daemon(&config);
     env.wait_slot().await;
     // A transaction on one target holds the table: its apply task waits on the lock.
@@ -503,6 +503,23 @@ async fn a_stop_ends_in_time_while_a_target_waits_on_a_lock() {
         .await
         .unwrap();
     env.wait_equal("free", "patients").await;
+    // Seen as not progressing (apply.hung_secs = 1), in /health and in the metrics.
+    wait_until(
+        "the locked target reported",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = daemon.obs.health.report();
+            body["status"] == "degraded"
+                && body["targets"]["locked"]["progressing"] == false
+                && body["targets"]["free"]["progressing"] == true
+                && metric(
+                    &daemon,
+                    "migration_target_stuck_seconds",
+                    &[("target", "locked")],
+                ) >= 1.0
+        },
+    )
+    .await;
     // The stop cancels the waiting statement and ends within apply.shutdown_secs; 60 s is
     // only the test's own deadline against a hang.
     tokio::time::timeout(Duration::from_secs(60), daemon.stop())

@@ -33,6 +33,9 @@ pub struct Position {
     /// (end LSN, commit time) of dispatched transactions not yet committed there, oldest
     /// first, in increasing end LSN.
     in_flight: VecDeque<(Lsn, PgTimestamp)>,
+    /// The committed position last seen, and since when it has not moved while there was work.
+    last_committed: Lsn,
+    moved_at: std::time::Instant,
 }
 
 impl Position {
@@ -42,6 +45,8 @@ impl Position {
             dispatched: committed,
             skip_below: committed,
             in_flight: VecDeque::new(),
+            last_committed: committed,
+            moved_at: std::time::Instant::now(),
         }
     }
 
@@ -97,6 +102,19 @@ impl Position {
         self.in_flight
             .front()
             .map_or(0.0, |(_, t)| seconds_since(*t, now))
+    }
+}
+
+impl Position {
+    /// How long the target has had work (dispatched, not committed) without committing any of
+    /// it, at `now`, given what it has `committed`; zero while it moves or has nothing to do.
+    /// Call after [`Position::lag_secs`], which forgets what it committed.
+    pub fn stuck_for(&mut self, committed: Lsn, now: std::time::Instant) -> std::time::Duration {
+        if committed != self.last_committed || self.in_flight.is_empty() {
+            self.last_committed = committed;
+            self.moved_at = now;
+        }
+        now.saturating_duration_since(self.moved_at)
     }
 }
 
@@ -254,6 +272,27 @@ mod tests {
         // A commit time ahead of our clock is no lag, not negative lag.
         p.dispatch(Lsn(30), 9_000_000);
         assert_eq!(p.lag_secs(Lsn(20), 5_000_000), 0.0);
+    }
+
+    #[test]
+    fn a_target_is_stuck_only_while_it_has_work_and_commits_nothing() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut p = Position::new(Lsn(0));
+        // Idle: never stuck.
+        assert_eq!(p.stuck_for(Lsn(0), t0 + s(100)), s(0));
+        p.dispatch(Lsn(10), 0);
+        p.dispatch(Lsn(20), 0);
+        p.lag_secs(Lsn(0), 0);
+        assert_eq!(p.stuck_for(Lsn(0), t0 + s(130)), s(30));
+        // It commits something: the clock starts again.
+        p.lag_secs(Lsn(10), 0);
+        assert_eq!(p.stuck_for(Lsn(10), t0 + s(140)), s(0));
+        assert_eq!(p.stuck_for(Lsn(10), t0 + s(145)), s(5));
+        // Everything committed: no work, not stuck.
+        p.lag_secs(Lsn(20), 0);
+        assert_eq!(p.stuck_for(Lsn(20), t0 + s(500)), s(0));
     }
 
     #[test]

@@ -352,16 +352,28 @@ impl Reader {
 
     fn update_lag(&mut self) {
         let now = protocol::pg_now();
+        let clock = Instant::now();
+        let hung = Duration::from_secs_f64(self.settings.apply.hung_secs);
         let mut overall = 0.0f64;
+        let mut not_progressing = Vec::new();
         for l in &mut self.links {
             let committed = l.status.borrow().committed;
             let lag = l.pos.lag_secs(committed, now);
+            let stuck = l.pos.stuck_for(committed, clock);
             self.metrics
                 .target_lag_seconds
                 .with_label_values(&[&l.name])
                 .set(lag);
+            self.metrics
+                .target_stuck_seconds
+                .with_label_values(&[&l.name])
+                .set(stuck.as_secs_f64());
+            if stuck >= hung {
+                not_progressing.push(l.name.clone());
+            }
             overall = overall.max(lag);
         }
+        self.health.set_not_progressing(not_progressing);
         if let Some(open) = &self.open {
             if open.sending() {
                 overall = overall.max(seconds_since(open.xact.commit_time, now));
