@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::common::{metric, start_daemon, table_rows, wait_until, Env};
+use tokio_postgres::Client;
+
+use crate::common::{metric, start_daemon, table_rows, wait_until, Daemon, Env};
 
 const SCHEMA: &str = "CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL);
                       CREATE TABLE notes (id bigint PRIMARY KEY);
@@ -22,26 +24,34 @@ async fn wait_same(env: &Env, source_table: &str, target_table: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn a_renamed_or_moved_routed_table_keeps_reaching_its_owner() {
+/// One target owning both tables, the daemon streaming with a catalog check every half second,
+/// and one patient and one note applied.
+async fn streaming_with_a_quick_catalog_check() -> (Env, Daemon, Client) {
     let env = Env::new(SCHEMA, &[("t", &["patients", "notes"])]).await;
-    // A quick catalog check, to show it takes a rename for no problem.
     let config = env
         .config()
         .replace("[source]\n", "[source]\ncatalog_check_secs = 0.5\n");
     let daemon = start_daemon(&config);
     env.wait_slot().await;
     let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (1, 'a')")
+    src.batch_execute("INSERT INTO patients VALUES (1, 'a'); INSERT INTO notes VALUES (1);")
         .await
         .unwrap();
     env.wait_equal("t", "patients").await;
+    env.wait_equal("t", "notes").await;
+    (env, daemon, src)
+}
+
+#[tokio::test]
+async fn a_renamed_or_moved_routed_table_keeps_reaching_its_owner() {
+    // The quick catalog check shows it takes a rename for no problem.
+    let (env, daemon, src) = streaming_with_a_quick_catalog_check().await;
     // Renamed under writes: the changes go on to public.patients on the target.
     src.batch_execute(
         "BEGIN; ALTER TABLE patients RENAME TO patients_v2;
                 INSERT INTO patients_v2 VALUES (2, 'b'); COMMIT;
          UPDATE patients_v2 SET name = 'a2' WHERE id = 1;
-         INSERT INTO notes VALUES (1);",
+         INSERT INTO notes VALUES (2);",
     )
     .await
     .unwrap();
@@ -75,17 +85,7 @@ async fn a_renamed_or_moved_routed_table_keeps_reaching_its_owner() {
 
 #[tokio::test]
 async fn a_dropped_and_recreated_routed_table_stops_its_owner_and_holds_the_slot() {
-    let env = Env::new(SCHEMA, &[("t", &["patients", "notes"])]).await;
-    let config = env
-        .config()
-        .replace("[source]\n", "[source]\ncatalog_check_secs = 0.5\n");
-    let daemon = start_daemon(&config);
-    env.wait_slot().await;
-    let src = env.source().await;
-    src.batch_execute("INSERT INTO patients VALUES (1, 'a'); INSERT INTO notes VALUES (1);")
-        .await
-        .unwrap();
-    env.wait_equal("t", "patients").await;
+    let (env, daemon, src) = streaming_with_a_quick_catalog_check().await;
     // "Rebuild the table": drop, recreate, refill. The new table is not in the publication.
     src.batch_execute(
         "DROP TABLE patients;
