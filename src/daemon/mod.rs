@@ -136,7 +136,7 @@ async fn run_inner(
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
     // unpublished, or with a replica identity that no longer publishes its changes).
     let (problems_tx, problems_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watch = tokio::spawn(crate::source::catalog::watch(
+    let watch = tokio::spawn(crate::source::ddl::watch(
         settings.source.clone(),
         started.tls.clone(),
         settings.publication.clone(),

@@ -5,5 +5,6 @@
 
 pub mod catalog;
 pub mod conn;
+pub mod ddl;
 pub mod protocol;
 pub mod reader;
