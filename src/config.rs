@@ -94,6 +94,23 @@ pub struct ApplyConfig {
     /// connection) is reported as not progressing, seconds.
     #[serde(default = "default_hung")]
     pub hung_secs: f64,
+    /// A target that takes nothing for this long while work waits for it (or that is stalled
+    /// after a failure) no longer holds the reader up: its share goes to its spool, seconds.
+    #[serde(default = "default_stall")]
+    pub stall_secs: f64,
+    /// Bound of each target's spool, bytes; a target whose spool reaches it is detached and
+    /// rejoins by one stream restart.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// Folder of the spools (created 0700; they hold row data). Default: `spool` under
+    /// systemd's `$STATE_DIRECTORY`, else `pgcarve-<slot>` in the temporary folder.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// Changes of the open target transaction kept in memory, so a retry after a failure
+    /// needs nothing from the slot; a larger transaction that fails is read again from the
+    /// slot (one stream restart per retry).
+    #[serde(default = "default_retain_changes")]
+    pub retain_changes: usize,
 }
 
 impl Default for ApplyConfig {
@@ -107,6 +124,10 @@ impl Default for ApplyConfig {
             threads: default_threads(),
             shutdown_secs: default_shutdown(),
             hung_secs: default_hung(),
+            stall_secs: default_stall(),
+            spool_max_bytes: default_spool_max_bytes(),
+            spool_dir: None,
+            retain_changes: default_retain_changes(),
         }
     }
 }
@@ -145,6 +166,15 @@ fn default_group_transactions() -> usize {
 }
 fn default_retry_initial() -> f64 {
     1.0
+}
+fn default_stall() -> f64 {
+    1.0
+}
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_retain_changes() -> usize {
+    100_000
 }
 fn default_hung() -> f64 {
     60.0
@@ -334,6 +364,18 @@ impl Config {
             problems.push(format!(
                 "apply.hung_secs = {}: must be > 0 and at most 86400",
                 a.hung_secs
+            ));
+        }
+        if !(a.stall_secs >= 0.05 && a.stall_secs <= 3600.0) {
+            problems.push(format!(
+                "apply.stall_secs = {}: must be between 0.05 and 3600",
+                a.stall_secs
+            ));
+        }
+        if a.spool_max_bytes < 1 << 20 {
+            problems.push(format!(
+                "apply.spool_max_bytes = {}: must be at least 1048576 (1 MiB)",
+                a.spool_max_bytes
             ));
         }
         if !(a.shutdown_secs >= 1.0 && a.shutdown_secs <= 3600.0) {

@@ -33,6 +33,10 @@ pub const RECEIVED_LSN: &str = "migration_received_lsn";
 pub const TARGET_COMMITTED_LSN: &str = "migration_target_committed_lsn";
 /// Seconds a target has had work without committing any of it (0 while it moves or is idle).
 pub const TARGET_STUCK_SECONDS: &str = "migration_target_stuck_seconds";
+/// Bytes of a target's share waiting in its spool on disk (0 while it takes changes live).
+pub const SPOOL_BYTES: &str = "migration_spool_bytes";
+/// 1 while a target is detached (its spool overflowed): it rejoins by one stream restart.
+pub const TARGET_DETACHED: &str = "migration_target_detached";
 /// 1 while monolith DDL on a routed table needs an operator, by table and problem.
 pub const DDL_PROBLEM: &str = "migration_ddl_problem";
 /// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
@@ -71,6 +75,10 @@ pub struct Metrics {
     pub target_stuck_seconds: GaugeVec,
     /// See [`DDL_PROBLEM`].
     pub ddl_problem: IntGaugeVec,
+    /// See [`SPOOL_BYTES`].
+    pub spool_bytes: IntGaugeVec,
+    /// See [`TARGET_DETACHED`].
+    pub target_detached: IntGaugeVec,
     /// See [`TABLE_RENAMED`].
     pub table_renamed: IntGaugeVec,
 }
@@ -171,6 +179,24 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(target_stuck_seconds.clone()));
+        let spool_bytes = IntGaugeVec::new(
+            Opts::new(
+                SPOOL_BYTES,
+                "Bytes of the target's share of the stream waiting in its spool on disk (0 while it takes changes live).",
+            ),
+            &["target"],
+        )
+        .unwrap();
+        reg(Box::new(spool_bytes.clone()));
+        let target_detached = IntGaugeVec::new(
+            Opts::new(
+                TARGET_DETACHED,
+                "1 while the target is detached (its spool reached apply.spool_max_bytes); it rejoins by one stream restart.",
+            ),
+            &["target"],
+        )
+        .unwrap();
+        reg(Box::new(target_detached.clone()));
         reg(Box::new(ddl_problem.clone()));
         reg(Box::new(table_renamed.clone()));
         reg(Box::new(lag_seconds.clone()));
@@ -199,6 +225,8 @@ impl Metrics {
             confirmed_lsn,
             received_lsn,
             target_committed_lsn,
+            spool_bytes,
+            target_detached,
             ddl_problem,
             table_renamed,
             target_stuck_seconds,

@@ -2,10 +2,18 @@
 //!
 //! Names: a [`Failure`] is one failed attempt (the error and the source transaction it belongs
 //! to); [`Stall`] is the state the task is in until a retry succeeds; [`Worker::stall`] enters
-//! it. While stalled the task rolls back, discards every chunk, answers barriers with what is
-//! durable, and after a backoff publishes "retry ready"; the reader then restarts the stream
-//! from the slot's confirmed position (held back by this target), and the next barrier resumes
-//! applying. Nothing is skipped, and nothing is kept for a stalled target: the slot keeps it.
+//! it. The task rolls back and waits out a backoff, in one of two ways:
+//!
+//! - **From what it kept** (the usual case): the failed group's chunks are in
+//!   [`super::retained`], and what came after is in the queue, which spools while the task does
+//!   not take it (`link::queue`). The other targets never wait. After the backoff the task
+//!   reconnects, reloads its progress and applies the kept chunks again, then the queue.
+//! - **From the slot**: the group was too large to keep, or the target lost commits that were
+//!   not on its disk yet. The task discards what it is sent, and after the backoff publishes
+//!   "retry ready"; the reader restarts the stream from the slot's confirmed position (held back
+//!   by this target), and the next barrier resumes applying.
+//!
+//! Either way nothing is skipped: the slot keeps everything the target has not made durable.
 //!
 //! After a failure the transactions of the failed group are retried one source transaction per
 //! target transaction ([`Worker::one_by_one`]), so the good ones before the bad one commit and
@@ -63,6 +71,15 @@ pub(super) struct Stall {
     pub ready: bool,
     /// No retry: an operator must act first (the task stays stalled until it stops).
     pub needs_operator: bool,
+    /// The retry needs the stream again from the slot (nothing kept to retry from).
+    pub from_slot: bool,
+}
+
+impl Stall {
+    /// Waiting to retry from what the task kept: the queue is left to spool.
+    pub fn keeps_queue(&self) -> bool {
+        !self.needs_operator && !self.from_slot
+    }
 }
 
 impl Worker {
@@ -126,7 +143,11 @@ impl Worker {
             needs_operator,
             error: err.to_string(),
         });
+        // Once the slot must send again, it stays so until a barrier resumes the task.
+        let from_slot =
+            !self.retained.complete() || self.stall.as_ref().is_some_and(|s| s.from_slot);
         self.stall = Some(Stall {
+            from_slot,
             needs_operator,
             err,
             lsn,
@@ -172,6 +193,42 @@ impl Worker {
         self.publish(state);
     }
 
+    /// The backoff ended for a task that kept its failed group: reconnect, reload, and hand back
+    /// the kept chunks to apply again (`None` when it stalled again, or must wait for the
+    /// stream: the target lost commits that were not on its disk yet).
+    pub(super) async fn retry_from_kept(
+        &mut self,
+    ) -> Option<std::collections::VecDeque<crate::link::ApplyMsg>> {
+        let lsn = self.stall.as_ref().and_then(|s| s.lsn);
+        if let Err(e) = self.reconnect_if_needed().await {
+            self.stall(e, lsn).await;
+            return None;
+        }
+        if !self.retained.covers(self.positions.committed) {
+            tracing::warn!(
+                target_name = %self.name,
+                committed = %self.positions.committed,
+                "the target holds less than when the failed group began; retrying from the slot"
+            );
+            if let Some(stall) = self.stall.as_mut() {
+                stall.from_slot = true;
+            }
+            self.retained.reset(self.positions.committed);
+            self.retry_ready();
+            return None;
+        }
+        tracing::info!(target_name = %self.name, committed = %self.positions.committed, "retrying target from what it kept");
+        self.stall = None;
+        self.publish(TargetState::Streaming);
+        Some(self.retained.take(self.positions.committed))
+    }
+
+    /// The queue could not read this target's spool back: it is detached (the reader restarts
+    /// the stream for it once it has applied what it holds).
+    pub(super) fn spool_lost(&mut self, err: &str) {
+        tracing::error!(target_name = %self.name, committed = %self.positions.committed, "cannot read the spool back ({err}); the target is detached and rejoins from the slot");
+    }
+
     /// A barrier while stalled: before the backoff ends, answer it; after, retry — reconnect
     /// and reload, take changes again, then answer. A retry that fails stalls again.
     pub(super) async fn barrier_while_stalled(&mut self, reply: oneshot::Sender<Lsn>) {
@@ -185,6 +242,7 @@ impl Worker {
         let lsn = stall.lsn;
         let resumed = self.reconnect_if_needed().await;
         if resumed.is_ok() {
+            self.retained.reset(self.positions.committed);
             // Taking changes before the reader hears the answer.
             tracing::info!(target_name = %self.name, committed = %self.positions.committed, "retrying target");
             self.stall = None;

@@ -462,6 +462,7 @@ impl Worker {
         self.group.in_txn = false;
         self.failures = 0;
         self.positions.committed = self.group.end;
+        self.retained.reset(self.group.end);
         // The commit succeeded; if the position query failed, the connection is gone and the
         // reconnect reloads progress.
         let pos = pos.map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;

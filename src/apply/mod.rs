@@ -14,10 +14,10 @@
 //! was lost may have succeeded).
 //!
 //! Failure (`failure`): a change the target rejects rolls the group back, is logged and
-//! counted (SQLSTATE, table, target, LSN; never values) and stalls the task; after a backoff the
-//! reader restarts the stream from the slot's confirmed position (held back by this target) and
-//! the transaction is tried again. Nothing is skipped and nothing is buffered for a stalled
-//! target.
+//! counted (SQLSTATE, table, target, LSN; never values) and stalls the task; after a backoff it
+//! applies the group again from the chunks it kept (`retained`) and goes on with its queue,
+//! which spooled meanwhile. The other targets never wait for it, and the slot keeps everything
+//! it has not made durable.
 //!
 //! | file          | what it holds                                                         |
 //! |---------------|-----------------------------------------------------------------------|
@@ -28,6 +28,7 @@
 //! | `bind`        | values as text parameters and COPY rows                                |
 //! | `durability`  | committed vs flushed, and what may be published                        |
 //! | `failure`     | the stalled state and the retry                                        |
+//! | `retained`    | the open group's chunks, kept for a retry                              |
 //! | `progress`    | the `pgcarve.progress` table                                           |
 //! | `error`       | [`ApplyError`]: what failed, without values                            |
 
@@ -38,9 +39,11 @@ mod failure;
 mod group;
 pub mod prepare;
 pub mod progress;
+mod retained;
 pub mod statements;
 mod stmt_cache;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +66,7 @@ use durability::{CommitStatements, Durability};
 use failure::{Failure, Stall};
 use group::Group;
 use progress::ProgressKey;
+use retained::Retained;
 use stmt_cache::StmtCache;
 
 /// How often an idle target's WAL flush position is read while commits await durability.
@@ -138,6 +142,8 @@ pub struct Worker {
     one_by_one_until: Lsn,
     /// `Some` while stalled after a failure.
     stall: Option<Stall>,
+    /// The open group's chunks, for a retry that needs nothing from the slot.
+    retained: Retained,
     cfg: ApplyConfig,
     metrics: Metrics,
     /// Where the task publishes its status for the reader and `/health`.
@@ -180,45 +186,85 @@ impl Worker {
     }
 
     /// Runs until the queue closes (the reader is gone). Two states: applying, and stalled
-    /// after a failure (`self.stall`).
+    /// after a failure (`self.stall`, see [`failure`]).
     async fn run(mut self, mut rx: QueueRx) {
         let mut carry: Option<ApplyMsg> = None;
+        // A failed group being applied again (see [`retained`]), before anything new.
+        let mut replay: VecDeque<ApplyMsg> = VecDeque::new();
         let mut idle_polls = 0u32;
+        let mut told_stalled = false;
         loop {
-            // Stalled: discard chunks, answer barriers, retry after the backoff.
+            // The queue spools for a task that waits to retry from what it kept.
+            let waiting = self.stall.as_ref().is_some_and(|s| s.keeps_queue());
+            if waiting != told_stalled {
+                rx.set_stalled(waiting);
+                told_stalled = waiting;
+            }
             if let Some(stall) = &self.stall {
+                if stall.keeps_queue() {
+                    // Waiting to retry from what it kept: the queue is left as it is (it spools),
+                    // barriers are answered at once, a halt stops it for good.
+                    rx.answer_barriers(self.positions.durable);
+                    if let Some(reason) = rx.take_halt() {
+                        self.stall(ApplyError::Halted(reason), None).await;
+                        continue;
+                    }
+                    if rx.is_closed() {
+                        break;
+                    }
+                    let retry_at = stall.retry_at;
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = tokio::time::sleep_until(retry_at) => {
+                            if let Some(kept) = self.retry_from_kept().await {
+                                replay = kept;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                // Waiting for the stream again, or for an operator: discard chunks, answer
+                // barriers, retry after the backoff.
                 let (retry_at, waiting) = (stall.retry_at, !stall.ready && !stall.needs_operator);
                 tokio::select! {
                     msg = rx.recv() => match msg {
-                        None => break,
-                        Some(ApplyMsg::Chunk { .. }) => {}
+                        Ok(None) => break,
+                        Ok(Some(ApplyMsg::Chunk { .. })) | Err(_) => {}
                         // Stalled already, maybe for a retryable error: a halt must still stop
                         // it for good, or the next retry would carry on past it.
-                        Some(ApplyMsg::Halt(reason)) => {
+                        Ok(Some(ApplyMsg::Halt(reason))) => {
                             self.stall(ApplyError::Halted(reason), None).await;
                         }
-                        Some(ApplyMsg::Barrier(reply)) => self.barrier_while_stalled(reply).await,
+                        Ok(Some(ApplyMsg::Barrier(reply))) => self.barrier_while_stalled(reply).await,
                     },
                     _ = tokio::time::sleep_until(retry_at), if waiting => self.retry_ready(),
                 }
                 continue;
             }
             // Applying.
-            let msg = match carry.take() {
+            let msg = match carry.take().or_else(|| replay.pop_front()) {
                 Some(m) => m,
                 // (Inside an open target transaction a poll would share its fate: after a
                 // failed pipelined statement it would fail too, and hide the cause.)
                 None if self.positions.undurable.is_empty() || self.group.in_txn => {
                     match rx.recv().await {
-                        Some(m) => m,
-                        None => break,
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.spool_lost(&e);
+                            continue;
+                        }
                     }
                 }
                 // Idle with commits not yet known durable: watch the target's WAL flush.
                 None => tokio::select! {
                     m = rx.recv() => match m {
-                        Some(m) => m,
-                        None => break,
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.spool_lost(&e);
+                            continue;
+                        }
                     },
                     _ = tokio::time::sleep(FLUSH_POLL) => {
                         idle_polls += 1;
@@ -248,6 +294,8 @@ impl Worker {
                         Ok(()) => self.make_durable().await.map_err(Failure::from),
                         Err(f) => Err(f),
                     };
+                    // What was not committed comes again with the new stream.
+                    self.retained.reset(self.positions.committed);
                     // Answer first: the reader waits for every target's answer.
                     let _ = reply.send(self.positions.durable);
                     if let Err(f) = done {
@@ -259,6 +307,9 @@ impl Worker {
                     changes,
                     commit,
                 } => {
+                    if xact.final_lsn >= self.positions.committed {
+                        self.retained.keep(&xact, &changes, commit);
+                    }
                     if let Err(f) = self.apply_chunk(&xact, changes, commit).await {
                         // A statement sent earlier may have failed first: report the cause,
                         // not what the aborted transaction did to the statements after it.
@@ -275,7 +326,7 @@ impl Worker {
                         if self.group.txns < self.cfg.group_transactions as u64
                             && !self.one_by_one()
                         {
-                            if let Some(next) = rx.try_recv() {
+                            if let Some(next) = replay.pop_front().or_else(|| rx.try_recv()) {
                                 carry = Some(next);
                                 continue;
                             }

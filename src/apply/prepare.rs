@@ -316,6 +316,7 @@ impl Worker {
             failures: 0,
             one_by_one_until: Lsn::ZERO,
             stall: None,
+            retained: super::Retained::new(facts.progress.unwrap_or(Lsn::ZERO), cfg.retain_changes),
             cfg,
             metrics,
             status,

@@ -113,6 +113,27 @@ pub async fn run(
     result
 }
 
+/// Where the spools live: `apply.spool_dir`, else `spool` under systemd's state directory,
+/// else a folder named after the slot in the temporary folder.
+fn spool_dir(settings: &Settings) -> std::path::PathBuf {
+    if let Some(dir) = &settings.apply.spool_dir {
+        return dir.clone();
+    }
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several, separated by colons: the first is ours.
+        Some(s) if !s.is_empty() => {
+            let first = s
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            std::path::PathBuf::from(first).join("spool")
+        }
+        _ => std::env::temp_dir().join(format!("pgcarve-{}", settings.slot)),
+    }
+}
+
 async fn run_inner(
     settings: &Settings,
     metrics: &Metrics,
@@ -125,9 +146,25 @@ async fn run_inner(
     let mut links = Vec::new();
     let mut tasks = Vec::new();
     let mut cancellers = Vec::new();
+    let spool_dir = spool_dir(settings);
+    // Spools are caches: what an earlier run left is in the slot still (held back by targets).
+    match crate::link::spool::discard_stale(&spool_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(dir = %spool_dir.display(), removed = n, "discarded spools of an earlier run"),
+        Err(e) => return Err(DaemonError::Startup(vec![format!(
+            "cannot clear the spool folder {} ({e}): set apply.spool_dir to a folder pgcarve may write",
+            spool_dir.display()
+        )])),
+    }
     for t in started.targets {
         cancellers.push((t.name.clone(), t.worker.canceller()));
-        let (tx, rx) = crate::link::queue::channel(settings.apply.queue_changes);
+        let spool = crate::link::queue::SpoolSettings {
+            dir: spool_dir.clone(),
+            target: t.name.clone(),
+            max_bytes: settings.apply.spool_max_bytes,
+            stall: Duration::from_secs_f64(settings.apply.stall_secs),
+        };
+        let (tx, rx) = crate::link::queue::channel(settings.apply.queue_changes, Some(spool));
         let committed = t.worker.committed();
         tracing::info!(target_name = %t.name, committed = %committed, "target ready");
         tasks.push(t.worker.spawn(rx));

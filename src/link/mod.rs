@@ -9,13 +9,14 @@
 //! ```
 //!
 //! [`spool`] is the file a target's share of the stream goes to while it cannot take it live
-//! (its format and both ends; the reader and the apply tasks do not use it yet).
+//! (its frames; `record`: what a frame holds; `queue` decides when to spool).
 //!
 //! Neither side imports the other: both speak only these types, so the reader can be tested
 //! without a target and an apply task without a replication stream.
 
 pub mod change;
 pub mod queue;
+pub mod record;
 pub mod spool;
 pub mod status;
 

@@ -103,13 +103,14 @@ impl SpoolWriter {
     }
 
     /// Appends one message; returns the offset after it. Refuses when the spool would pass
-    /// its bound (nothing is written then).
-    pub fn append(&mut self, msg: &[u8]) -> Result<u64, SpoolError> {
+    /// its bound (nothing is written then), unless `force` (small control records, which must
+    /// never be refused).
+    pub fn append(&mut self, msg: &[u8], force: bool) -> Result<u64, SpoolError> {
         let len = u32::try_from(msg.len()).map_err(|_| SpoolError::Full {
             max: self.max_bytes,
         })?;
         let next = self.end + FRAME_HEADER + u64::from(len);
-        if next > self.max_bytes {
+        if next > self.max_bytes && !force {
             return Err(SpoolError::Full {
                 max: self.max_bytes,
             });
@@ -211,14 +212,14 @@ mod tests {
     fn messages_come_back_in_order_also_those_appended_while_reading() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SpoolWriter::create(dir.path(), "patient", 1 << 20).unwrap();
-        w.append(b"B first").unwrap();
-        w.append(b"").unwrap();
+        w.append(b"B first", false).unwrap();
+        w.append(b"", false).unwrap();
         w.flush().unwrap();
         let mut r = w.reader().unwrap();
         assert_eq!(r.next_message().unwrap().as_deref(), Some(&b"B first"[..]));
         assert_eq!(r.next_message().unwrap().as_deref(), Some(&b""[..]));
         assert_eq!(r.next_message().unwrap(), None, "the end, for now");
-        w.append(b"C later").unwrap();
+        w.append(b"C later", false).unwrap();
         assert_eq!(r.next_message().unwrap(), None, "not flushed yet");
         w.flush().unwrap();
         assert_eq!(r.next_message().unwrap().as_deref(), Some(&b"C later"[..]));
@@ -229,19 +230,25 @@ mod tests {
     fn the_bound_refuses_without_writing() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SpoolWriter::create(dir.path(), "t", 20).unwrap();
-        assert_eq!(w.append(&[1; 10]).unwrap(), 14);
+        assert_eq!(w.append(&[1; 10], false).unwrap(), 14);
         assert!(matches!(
-            w.append(&[2; 3]),
+            w.append(&[2; 3], false),
             Err(SpoolError::Full { max: 20 })
         ));
         assert_eq!(w.end(), 14);
+        assert_eq!(
+            w.append(&[9; 2], true).unwrap(),
+            20,
+            "control records pass the bound"
+        );
         w.flush().unwrap();
         let mut r = w.reader().unwrap();
         assert_eq!(r.next_message().unwrap().unwrap().len(), 10);
+        assert_eq!(r.next_message().unwrap().unwrap().len(), 2);
         assert_eq!(r.next_message().unwrap(), None);
         // Emptied, it takes messages again.
         w.reset().unwrap();
-        assert_eq!(w.append(&[3; 16]).unwrap(), 20);
+        assert_eq!(w.append(&[3; 16], false).unwrap(), 20);
     }
 
     #[test]
@@ -269,7 +276,7 @@ mod tests {
     fn a_torn_tail_reads_as_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = SpoolWriter::create(dir.path(), "t", 1 << 20).unwrap();
-        w.append(b"whole").unwrap();
+        w.append(b"whole", false).unwrap();
         w.flush().unwrap();
         // A crash in the middle of a frame: a header promising more than there is.
         let mut f = OpenOptions::new()
@@ -290,7 +297,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut w = SpoolWriter::create(dir.path(), "t", u64::MAX).unwrap();
             for m in &msgs {
-                w.append(m).unwrap();
+                w.append(m, false).unwrap();
             }
             w.flush().unwrap();
             let mut r = w.reader().unwrap();

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::health::Health;
-use crate::link::queue::QueueTx;
+use crate::link::queue::{Push, QueueTx};
 use crate::link::{ApplyMsg, Change, TargetState, TargetStatus, XactInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
@@ -232,8 +232,10 @@ impl Reader {
             .iter()
             .map(|l| {
                 let status = l.status.borrow();
-                l.pos
-                    .for_confirmation(status.accepts_changes(), status.committed)
+                l.pos.for_confirmation(
+                    status.accepts_changes() && !l.tx.is_detached(),
+                    status.committed,
+                )
             })
             .collect();
         let c = confirmable(&positions, self.last_processed, idle);
@@ -289,6 +291,10 @@ impl Reader {
                 .target_stuck_seconds
                 .with_label_values(&[&l.name])
                 .set(stuck.as_secs_f64());
+            self.metrics
+                .spool_bytes
+                .with_label_values(&[&l.name])
+                .set(i64::try_from(l.tx.spooled_bytes()).unwrap_or(i64::MAX));
             if stuck >= hung {
                 not_progressing.push(l.name.clone());
             }
@@ -304,27 +310,42 @@ impl Reader {
         self.health.set_lag(overall, self.confirmed);
     }
 
-    /// Quiesces every target and resets the dispatch state to what each has committed.
+    /// Quiesces every target and resets the dispatch state to what each has committed. A
+    /// target that does not answer within `apply.stall_secs` (a lock, a dead connection) is
+    /// not waited for: it counts at what its status says is durable, and the barrier stays in
+    /// its queue, so it settles what it holds before what the new stream sends it.
     async fn barrier(&mut self) -> Result<(), ReaderError> {
         let mut replies = Vec::with_capacity(self.links.len());
         for l in &self.links {
             let (tx, rx) = oneshot::channel();
-            l.tx.send(ApplyMsg::Barrier(tx))
-                .await
-                .map_err(|_| ReaderError::TargetGone(l.name.clone()))?;
+            if let Push::Closed = l.tx.try_push(ApplyMsg::Barrier(tx)) {
+                return Err(ReaderError::TargetGone(l.name.clone()));
+            }
             replies.push(rx);
         }
+        let patience = Duration::from_secs_f64(self.settings.apply.stall_secs.max(0.1));
+        let deadline = tokio::time::Instant::now() + patience;
         let mut committed = Vec::with_capacity(replies.len());
         for (l, rx) in self.links.iter().zip(replies) {
-            committed.push(
-                rx.await
-                    .map_err(|_| ReaderError::TargetGone(l.name.clone()))?,
-            );
+            let c = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(_)) => return Err(ReaderError::TargetGone(l.name.clone())),
+                Err(_) => {
+                    let durable = l.status.borrow().committed;
+                    tracing::warn!(target_name = %l.name, committed = %durable, "target did not answer the barrier in time; counting it at what it made durable");
+                    durable
+                }
+            };
+            committed.push(c);
         }
         // Confirm what the barrier made durable before forgetting what was in flight.
         self.update_confirmed();
         for (l, c) in self.links.iter_mut().zip(committed) {
             l.pos.reset(c);
+            self.metrics
+                .target_detached
+                .with_label_values(&[&l.name])
+                .set(0);
         }
         self.open = None;
         self.idle_wal_end = None;
@@ -382,8 +403,7 @@ impl Reader {
                 _ = shutdown.cancelled() => return self.stop_streaming(conn).await,
                 // 2. A target changed state: a retry-ready failed target restarts the stream.
                 _ = self.wake.notified() => {
-                    if self.links.iter().any(|l| matches!(l.status.borrow().state,
-                        TargetState::Stalled { retry_ready: true, .. })) {
+                    if self.needs_restream() {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
                         return Ok(StreamEnd::RetryTarget);
@@ -400,6 +420,11 @@ impl Reader {
                 }
                 // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
+                    if self.needs_restream() {
+                        self.send_status(&mut conn, true).await?;
+                        conn.close().await;
+                        return Ok(StreamEnd::RetryTarget);
+                    }
                     self.update_lag();
                     self.health.set_targets(self.target_statuses());
                     self.send_status(&mut conn, false).await?;
@@ -452,13 +477,10 @@ impl Reader {
     async fn route(&mut self, conn: &mut ReplicationConn, msg: Message) -> Result<(), ReaderError> {
         match msg {
             Message::Begin(b) => {
-                let routes = self.links.iter().map(|l| {
-                    route_at_begin(
-                        l.status.borrow().accepts_changes(),
-                        b.final_lsn,
-                        l.pos.skip_below(),
-                    )
-                });
+                let routes = self
+                    .links
+                    .iter()
+                    .map(|l| route_at_begin(Self::takes(l), b.final_lsn, l.pos.skip_below()));
                 let xact = XactInfo {
                     final_lsn: b.final_lsn,
                     commit_time: b.commit_time,
@@ -564,8 +586,10 @@ impl Reader {
         Ok(())
     }
 
-    /// Sends to a target, waiting for room (backpressure) while keeping the source connection
-    /// alive with status updates.
+    /// Sends to a target: into its queue, or its spool while it does not take changes (see
+    /// `link::queue`), waiting only while it takes them slower than we read (backpressure),
+    /// with the source connection kept alive by status updates meanwhile. A target whose spool
+    /// overflows is detached: it stays pending at what it holds until it rejoins.
     async fn send(
         &mut self,
         conn: &mut ReplicationConn,
@@ -573,24 +597,78 @@ impl Reader {
         msg: ApplyMsg,
     ) -> Result<(), ReaderError> {
         let tx = self.links[i].tx.clone();
-        let weight = tx.weight(&msg);
-        let mut msg = Some(msg);
+        let lsn = match &msg {
+            ApplyMsg::Chunk { xact, .. } => Some(xact.final_lsn),
+            _ => None,
+        };
+        let mut msg = msg;
+        let mut status_at = Instant::now() + Duration::from_secs(5);
         loop {
-            tokio::select! {
-                room = tx.room(weight) => {
-                    if let Some(m) = msg.take() {
-                        tx.push(m, room)
-                            .map_err(|_| ReaderError::TargetGone(self.links[i].name.clone()))?;
-                    }
+            let until = match tx.try_push(msg) {
+                Push::Queued | Push::Spooled | Push::Dropped { first: false, .. } => return Ok(()),
+                Push::Dropped {
+                    first: true,
+                    reason,
+                } => {
+                    let l = &self.links[i];
+                    tracing::warn!(
+                        target_name = %l.name,
+                        lsn = %lsn.unwrap_or(Lsn::ZERO),
+                        committed = %l.status.borrow().committed,
+                        "target detached: {reason}; the slot keeps what it lacks, and it rejoins by one stream restart once it has applied what it holds"
+                    );
+                    self.metrics
+                        .target_detached
+                        .with_label_values(&[&l.name])
+                        .set(1);
                     return Ok(());
                 }
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                Push::Closed => return Err(ReaderError::TargetGone(self.links[i].name.clone())),
+                Push::Wait(m, until) => {
+                    msg = m;
+                    until
+                }
+            };
+            let sick_at = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tx.changed() => {}
+                _ = tokio::time::sleep_until(sick_at.into()) => {}
+                _ = tokio::time::sleep_until(status_at.into()) => {
                     self.update_lag();
                     self.send_status(conn, true).await?;
+                    status_at = Instant::now() + Duration::from_secs(5);
                 }
                 _ = self.shutdown.cancelled() => return Err(ReaderError::Stopping),
             }
         }
+    }
+
+    /// Whether target `l` gets the transactions that begin now: not while it is detached, nor
+    /// once it waits for an operator (the slot keeps them; spooling would only fill the disk).
+    fn takes(l: &TargetLink) -> bool {
+        let operator = matches!(
+            l.status.borrow().state,
+            TargetState::Stalled {
+                needs_operator: true,
+                ..
+            }
+        );
+        !operator && !l.tx.is_detached()
+    }
+
+    /// A target that needs the stream again: ready to retry after a failure the queue could
+    /// not keep (`retry_ready`), or detached and done with what it holds.
+    fn needs_restream(&self) -> bool {
+        self.links.iter().any(|l| {
+            let status = l.status.borrow();
+            match status.state {
+                TargetState::Stalled {
+                    retry_ready: true, ..
+                } => true,
+                TargetState::Streaming => l.tx.is_detached() && l.tx.is_empty(),
+                _ => false,
+            }
+        })
     }
 }
 
