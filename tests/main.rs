@@ -5,6 +5,7 @@ mod common;
 mod crash;
 mod ddl;
 mod failure;
+mod isolation;
 mod layering;
 mod message_kinds;
 mod replication_conn;
