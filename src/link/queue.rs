@@ -15,6 +15,8 @@
 //! while work waited (a lock, a dead connection). From then on every message goes to the spool
 //! until the apply task has read it all back, so order is kept: memory holds the oldest
 //! messages, the spool the newer ones. Control messages (barriers, halts) are never refused.
+//! A spool only helps while some other target takes its share: when none does, the reader
+//! waits instead (the caller says which, `others_live`).
 //!
 //! # Detached
 //! A spool that reaches `apply.spool_max_bytes` (or that the file system refuses) detaches the
@@ -294,7 +296,9 @@ impl Inner {
 
 impl QueueTx {
     /// Offers a message: queued, spooled, dropped (detached), or to wait (see [`Push`]).
-    pub fn try_push(&self, msg: ApplyMsg) -> Push {
+    /// `others_live`: some other target takes its share now; when none does, a spool would
+    /// help nobody, and the reader waits (backpressure to the slot).
+    pub fn try_push(&self, msg: ApplyMsg, others_live: bool) -> Push {
         let mut g = self.shared.lock();
         if g.rx_closed {
             return Push::Closed;
@@ -325,13 +329,13 @@ impl QueueTx {
                 g.mem.push_back((msg, w));
                 g.mem_weight += w;
                 Ok(Push::Queued)
-            } else if g.spool.is_some() && g.sick(now) {
+            } else if others_live && g.spool.is_some() && g.sick(now) {
                 g.spool(msg).map(|()| Push::Spooled)
             } else {
                 let at = g
                     .spool
                     .as_ref()
-                    .filter(|_| !g.stalled)
+                    .filter(|_| !g.stalled && others_live)
                     .map(|s| g.waiting_since + s.stall);
                 return Push::Wait(msg, at);
             }
@@ -353,6 +357,12 @@ impl QueueTx {
     /// Resolves when the apply task took something or changed state (after a [`Push::Wait`]).
     pub async fn changed(&self) {
         self.shared.to_reader.notified().await
+    }
+
+    /// The target does not take what it is sent (see the module docs), or is detached.
+    pub fn is_sick(&self) -> bool {
+        let g = self.shared.lock();
+        g.detached || (!g.mem.is_empty() && g.sick(Instant::now())) || g.stalled
     }
 
     /// Dropping this target's chunks until the next barrier.

@@ -60,21 +60,24 @@ fn queued(p: Push) -> bool {
 #[tokio::test]
 async fn bounded_by_changes_and_room_returns_on_receipt() {
     let (tx, mut rx) = channel(10, None);
-    assert!(queued(tx.try_push(chunk(1, 6))));
-    assert!(queued(tx.try_push(chunk(2, 0)))); // weighs 1
-                                               // 7 of 10 taken: 3 more fit, 4 do not; without a spool the reader waits, forever.
-    assert!(matches!(tx.try_push(chunk(3, 4)), Push::Wait(_, None)));
-    assert!(queued(tx.try_push(chunk(3, 3))));
+    assert!(queued(tx.try_push(chunk(1, 6), true)));
+    assert!(queued(tx.try_push(chunk(2, 0), true))); // weighs 1
+                                                     // 7 of 10 taken: 3 more fit, 4 do not; without a spool the reader waits, forever.
+    assert!(matches!(
+        tx.try_push(chunk(3, 4), true),
+        Push::Wait(_, None)
+    ));
+    assert!(queued(tx.try_push(chunk(3, 3), true)));
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(1));
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(2));
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(3));
     // A chunk heavier than the whole bound still fits alone.
-    assert!(queued(tx.try_push(chunk(4, 25))));
+    assert!(queued(tx.try_push(chunk(4, 25), true)));
     assert!(
         matches!(rx.recv().await, Ok(Some(ApplyMsg::Chunk { changes, .. })) if changes.len() == 25)
     );
     drop(rx);
-    assert!(matches!(tx.try_push(chunk(5, 1)), Push::Closed));
+    assert!(matches!(tx.try_push(chunk(5, 1), true), Push::Closed));
 }
 
 #[tokio::test]
@@ -84,7 +87,7 @@ async fn a_stalled_target_is_spooled_for_and_order_is_kept() {
     rx.set_stalled(true);
     let mut outcomes = Vec::new();
     for lsn in 1..=6 {
-        outcomes.push(tx.try_push(chunk(lsn, 2)));
+        outcomes.push(tx.try_push(chunk(lsn, 2), true));
     }
     let spooled = outcomes
         .iter()
@@ -96,14 +99,14 @@ async fn a_stalled_target_is_spooled_for_and_order_is_kept() {
     // The task takes again: memory first, then the spool; a push meanwhile goes behind.
     rx.set_stalled(false);
     let mut got = vec![lsn_of(&rx.recv().await.unwrap().unwrap())];
-    assert!(matches!(tx.try_push(chunk(7, 1)), Push::Spooled));
+    assert!(matches!(tx.try_push(chunk(7, 1), true), Push::Spooled));
     while let Some(m) = rx.try_recv() {
         got.push(lsn_of(&m));
     }
     assert_eq!(got, vec![1, 2, 3, 4, 5, 6, 7]);
     assert!(tx.is_empty());
     // Read back whole: the next message is in memory again, and the file is gone.
-    assert!(queued(tx.try_push(chunk(8, 1))));
+    assert!(queued(tx.try_push(chunk(8, 1), true)));
     assert!(!dir.path().join("billing.spool").exists());
 }
 
@@ -111,14 +114,14 @@ async fn a_stalled_target_is_spooled_for_and_order_is_kept() {
 async fn a_target_that_takes_nothing_is_waited_for_then_spooled_for() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, mut rx) = channel(2, spool(dir.path(), 1 << 20, 200));
-    assert!(queued(tx.try_push(chunk(1, 2))));
-    let Push::Wait(msg, Some(at)) = tx.try_push(chunk(2, 2)) else {
+    assert!(queued(tx.try_push(chunk(1, 2), true)));
+    let Push::Wait(msg, Some(at)) = tx.try_push(chunk(2, 2), true) else {
         panic!("a taking target is waited for")
     };
     assert!(at > Instant::now());
     tokio::time::sleep_until(at.into()).await;
     assert!(
-        matches!(tx.try_push(msg), Push::Spooled),
+        matches!(tx.try_push(msg, true), Push::Spooled),
         "not taking for the stall time"
     );
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(1));
@@ -130,11 +133,11 @@ async fn a_full_spool_detaches_until_a_barrier_and_keeps_what_it_had() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, mut rx) = channel(1, spool(dir.path(), 200, 60_000));
     rx.set_stalled(true);
-    assert!(queued(tx.try_push(chunk(1, 1))));
-    assert!(matches!(tx.try_push(chunk(2, 1)), Push::Spooled));
+    assert!(queued(tx.try_push(chunk(1, 1), true)));
+    assert!(matches!(tx.try_push(chunk(2, 1), true), Push::Spooled));
     let mut first = None;
     for lsn in 3..20 {
-        if let Push::Dropped { first: f, reason } = tx.try_push(chunk(lsn, 1)) {
+        if let Push::Dropped { first: f, reason } = tx.try_push(chunk(lsn, 1), true) {
             if f {
                 assert!(reason.contains("apply.spool_max_bytes"), "{reason}");
                 first.get_or_insert(lsn);
@@ -144,7 +147,7 @@ async fn a_full_spool_detaches_until_a_barrier_and_keeps_what_it_had() {
     let first = first.expect("the bound is reached");
     assert!(tx.is_detached());
     assert!(matches!(
-        tx.try_push(ApplyMsg::Halt("x".into())),
+        tx.try_push(ApplyMsg::Halt("x".into()), true),
         Push::Dropped { first: false, .. }
     ));
     // What was queued before the drop is still applied.
@@ -159,12 +162,12 @@ async fn a_full_spool_detaches_until_a_barrier_and_keeps_what_it_had() {
     );
     // The rejoin: the stream restart's barrier ends the detachment; what follows is taken.
     let (reply, answer) = oneshot::channel();
-    assert!(queued(tx.try_push(ApplyMsg::Barrier(reply))));
+    assert!(queued(tx.try_push(ApplyMsg::Barrier(reply), true)));
     assert!(!tx.is_detached());
     let Some(ApplyMsg::Barrier(r)) = rx.try_recv() else {
         panic!("the barrier first")
     };
-    assert!(queued(tx.try_push(chunk(100, 1))));
+    assert!(queued(tx.try_push(chunk(100, 1), true)));
     r.send(Lsn(7)).unwrap();
     assert_eq!(answer.await.unwrap(), Lsn(7));
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(100));
@@ -177,12 +180,15 @@ async fn a_stalled_task_answers_barriers_at_once_and_they_stay_in_place() {
     rx.set_stalled(true);
     let (r1, a1) = oneshot::channel();
     let (r2, a2) = oneshot::channel();
-    assert!(queued(tx.try_push(chunk(1, 1))));
-    assert!(queued(tx.try_push(ApplyMsg::Barrier(r1))));
-    assert!(matches!(tx.try_push(chunk(2, 1)), Push::Spooled));
-    assert!(matches!(tx.try_push(ApplyMsg::Barrier(r2)), Push::Spooled));
+    assert!(queued(tx.try_push(chunk(1, 1), true)));
+    assert!(queued(tx.try_push(ApplyMsg::Barrier(r1), true)));
+    assert!(matches!(tx.try_push(chunk(2, 1), true), Push::Spooled));
     assert!(matches!(
-        tx.try_push(ApplyMsg::Halt("stop".into())),
+        tx.try_push(ApplyMsg::Barrier(r2), true),
+        Push::Spooled
+    ));
+    assert!(matches!(
+        tx.try_push(ApplyMsg::Halt("stop".into()), true),
         Push::Spooled
     ));
     rx.answer_barriers(Lsn(5));
@@ -198,7 +204,7 @@ async fn a_stalled_task_answers_barriers_at_once_and_they_stay_in_place() {
 #[tokio::test]
 async fn the_task_ends_when_the_reader_is_gone_and_everything_was_taken() {
     let (tx, mut rx) = channel(10, None);
-    assert!(queued(tx.try_push(chunk(1, 1))));
+    assert!(queued(tx.try_push(chunk(1, 1), true)));
     let tx2 = tx.clone();
     drop(tx);
     assert!(!rx.is_closed(), "a clone still holds it");
@@ -206,4 +212,23 @@ async fn the_task_ends_when_the_reader_is_gone_and_everything_was_taken() {
     assert!(rx.is_closed());
     assert!(matches!(rx.recv().await, Ok(Some(_))));
     assert!(matches!(rx.recv().await, Ok(None)));
+}
+
+#[tokio::test]
+async fn with_no_other_target_taking_the_reader_waits_instead_of_spooling() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = channel(2, spool(dir.path(), 1 << 20, 0));
+    rx.set_stalled(true);
+    assert!(queued(tx.try_push(chunk(1, 2), false)));
+    assert!(tx.is_sick());
+    assert!(matches!(
+        tx.try_push(chunk(2, 2), false),
+        Push::Wait(_, None)
+    ));
+    assert_eq!(tx.spooled_bytes(), 0);
+    // Another target takes again: now the spool helps it.
+    assert!(matches!(tx.try_push(chunk(2, 2), true), Push::Spooled));
+    rx.set_stalled(false);
+    assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(1));
+    assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(2));
 }

@@ -185,7 +185,7 @@ impl Reader {
                 Ok(StreamEnd::Shutdown) | Err(ReaderError::Stopping) => return Ok(()),
                 Ok(StreamEnd::RetryTarget) => {
                     attempts = 0;
-                    self.barrier().await?;
+                    self.barrier(self.restart_patience()).await?;
                 }
                 Err(ReaderError::TargetGone(t)) => return Err(ReaderError::TargetGone(t)),
                 Err(e) => {
@@ -199,7 +199,7 @@ impl Reader {
                         "replication stream lost, reconnecting: {}",
                         e
                     );
-                    self.barrier().await?;
+                    self.barrier(self.restart_patience()).await?;
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -310,20 +310,27 @@ impl Reader {
         self.health.set_lag(overall, self.confirmed);
     }
 
+    /// How long a stream restart waits for a target's answer to its barrier: long enough for
+    /// a healthy target to commit what it holds, short enough that a hung one costs the others
+    /// little.
+    fn restart_patience(&self) -> Duration {
+        Duration::from_secs_f64(self.settings.apply.stall_secs).max(Duration::from_secs(5))
+    }
+
     /// Quiesces every target and resets the dispatch state to what each has committed. A
-    /// target that does not answer within `apply.stall_secs` (a lock, a dead connection) is
-    /// not waited for: it counts at what its status says is durable, and the barrier stays in
-    /// its queue, so it settles what it holds before what the new stream sends it.
-    async fn barrier(&mut self) -> Result<(), ReaderError> {
+    /// target that does not answer within `patience` (a lock, a dead connection) is not
+    /// waited for: it counts at what its status says is durable, and the barrier stays in its
+    /// queue, so it settles what it holds before what the new stream sends it. (A stalled
+    /// target answers at once.)
+    async fn barrier(&mut self, patience: Duration) -> Result<(), ReaderError> {
         let mut replies = Vec::with_capacity(self.links.len());
         for l in &self.links {
             let (tx, rx) = oneshot::channel();
-            if let Push::Closed = l.tx.try_push(ApplyMsg::Barrier(tx)) {
+            if let Push::Closed = l.tx.try_push(ApplyMsg::Barrier(tx), true) {
                 return Err(ReaderError::TargetGone(l.name.clone()));
             }
             replies.push(rx);
         }
-        let patience = Duration::from_secs_f64(self.settings.apply.stall_secs.max(0.1));
         let deadline = tokio::time::Instant::now() + patience;
         let mut committed = Vec::with_capacity(replies.len());
         for (l, rx) in self.links.iter().zip(replies) {
@@ -364,7 +371,7 @@ impl Reader {
         mut conn: ReplicationConn,
     ) -> Result<StreamEnd, ReaderError> {
         let grace = Duration::from_secs_f64(self.settings.apply.shutdown_secs * 0.8);
-        match tokio::time::timeout(grace, self.barrier()).await {
+        match tokio::time::timeout(grace, self.barrier(grace)).await {
             Ok(r) => r?,
             // Positions stay as they were: what the silent targets made durable is what their
             // status says, and only that is confirmed.
@@ -604,7 +611,12 @@ impl Reader {
         let mut msg = msg;
         let mut status_at = Instant::now() + Duration::from_secs(5);
         loop {
-            let until = match tx.try_push(msg) {
+            let others_live = self
+                .links
+                .iter()
+                .enumerate()
+                .any(|(j, l)| j != i && Self::takes(l) && !l.tx.is_sick());
+            let until = match tx.try_push(msg, others_live) {
                 Push::Queued | Push::Spooled | Push::Dropped { first: false, .. } => return Ok(()),
                 Push::Dropped {
                     first: true,
@@ -629,7 +641,8 @@ impl Reader {
                     until
                 }
             };
-            let sick_at = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // Without an instant, look again each second: another target may take again.
+            let sick_at = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 _ = tx.changed() => {}
                 _ = tokio::time::sleep_until(sick_at.into()) => {}
