@@ -48,6 +48,8 @@ struct State {
     problems: Vec<String>,
     /// Targets with work that committed nothing for `apply.hung_secs`.
     not_progressing: Vec<String>,
+    /// Per target: bytes waiting in its spool, and whether it is detached.
+    spools: Vec<(String, u64, bool)>,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -66,6 +68,7 @@ impl Default for Health {
             targets: Vec::new(),
             problems: Vec::new(),
             not_progressing: Vec::new(),
+            spools: Vec::new(),
         })))
     }
 }
@@ -147,6 +150,11 @@ impl Health {
         self.with(|s| s.not_progressing = targets);
     }
 
+    /// Records each target's spool: (name, bytes waiting, detached).
+    pub fn set_spools(&self, spools: Vec<(String, u64, bool)>) {
+        self.with(|s| s.spools = spools);
+    }
+
     /// Records lag and confirmed position.
     pub fn set_lag(&self, lag: f64, confirmed: Lsn) {
         self.with(|s| {
@@ -170,7 +178,7 @@ impl Health {
             s.source_down_since.map(|t| t.elapsed()),
             s.fatal.is_some() || !s.problems.is_empty(),
             &states,
-            !s.not_progressing.is_empty(),
+            !s.not_progressing.is_empty() || s.spools.iter().any(|(_, _, detached)| *detached),
         );
         let targets: serde_json::Map<String, serde_json::Value> = s
             .targets
@@ -195,10 +203,16 @@ impl Health {
                     ),
                 };
                 let progressing = !s.not_progressing.contains(name);
+                let (spooled, detached) = s
+                    .spools
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .map_or((0, false), |(_, b, d)| (*b, *d));
                 (
                     name.clone(),
                     json!({"state": state, "committed_lsn": t.committed.to_string(),
-                           "progressing": progressing, "failure": extra}),
+                           "progressing": progressing, "spooled_bytes": spooled,
+                           "detached": detached, "failure": extra}),
                 )
             })
             .collect();

@@ -193,11 +193,14 @@ async fn lost_source_and_target_connections_reconnect_and_resume() {
 async fn missing_slot_with_progress_refuses_to_start() {
     let (env, daemon, _) = one_target_with_a_row().await;
     daemon.stop().await;
-    env.source()
-        .await
-        .execute("SELECT pg_drop_replication_slot($1)", &[&env.slot])
-        .await
-        .unwrap();
+    // The walsender may take a moment to exit after the daemon closed its connection.
+    let src = env.source().await;
+    wait_until("the slot dropped", Duration::from_secs(30), || async {
+        src.execute("SELECT pg_drop_replication_slot($1)", &[&env.slot])
+            .await
+            .is_ok()
+    })
+    .await;
     let err = env.start_error().await;
     assert!(err.contains(&env.slot) && err.contains("t (at"), "{err}");
 }

@@ -144,8 +144,27 @@ async fn a_locked_target_is_spooled_for_and_a_stop_still_ends_in_time() {
         .await
         .expect("the daemon did not stop while a target waited on a lock");
     lock.rollback().await.unwrap();
+    // A spool holds row data: nothing is left behind by a stop, and whatever a crash left is
+    // discarded at the next start.
+    let spool_dir = std::env::temp_dir().join(format!("pgcarve-{}", env.slot));
+    let spools = || {
+        std::fs::read_dir(&spool_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert!(spools().is_empty(), "left behind: {:?}", spools());
+    std::fs::write(spool_dir.join("locked.spool"), b"from a crash").unwrap();
     // Nothing was lost: the spool was a cache, the slot kept what the target lacked.
     let daemon = env.start().await;
+    assert!(
+        spools().is_empty(),
+        "a stale spool survived the start: {:?}",
+        spools()
+    );
     env.wait_equal("locked", "patients").await;
     env.wait_equal("free", "patients").await;
     daemon.stop().await;

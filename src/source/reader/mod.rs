@@ -301,6 +301,12 @@ impl Reader {
             overall = overall.max(lag);
         }
         self.health.set_not_progressing(not_progressing);
+        self.health.set_spools(
+            self.links
+                .iter()
+                .map(|l| (l.name.clone(), l.tx.spooled_bytes(), l.tx.is_detached()))
+                .collect(),
+        );
         if let Some(open) = &self.open {
             if open.sending() {
                 overall = overall.max(seconds_since(open.xact.commit_time, now));
