@@ -103,12 +103,13 @@ pub struct ApplyConfig {
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
     /// Folder of the spools (created 0700; they hold row data). Default: `spool` under
-    /// systemd's `$STATE_DIRECTORY`, else `pgcarve-<slot>` in the temporary folder.
+    /// systemd's `$STATE_DIRECTORY`, else `pgcarve-<slot>` in the temporary folder (always
+    /// set once validated).
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
     /// Changes of the open target transaction kept in memory, so a retry after a failure
-    /// needs nothing from the slot; a larger transaction that fails is read again from the
-    /// slot (one stream restart per retry).
+    /// needs nothing from the slot; beyond this many they are kept in a file beside the
+    /// spools.
     #[serde(default = "default_retain_changes")]
     pub retain_changes: usize,
 }
@@ -414,12 +415,33 @@ impl Config {
                 slot: self.source.slot.clone(),
                 publication: self.source.publication.clone(),
                 targets,
-                apply: self.apply.clone(),
+                apply: ApplyConfig {
+                    spool_dir: Some(
+                        self.apply
+                            .spool_dir
+                            .clone()
+                            .unwrap_or_else(|| default_spool_dir(&self.source.slot)),
+                    ),
+                    ..self.apply.clone()
+                },
                 metrics_listen,
                 catalog_check: std::time::Duration::from_secs_f64(check.clamp(0.001, 3600.0)),
             }),
             _ => Err(ConfigError(problems)),
         }
+    }
+}
+
+/// `spool` under systemd's state directory, else a folder named after the slot in the
+/// temporary folder.
+fn default_spool_dir(slot: &str) -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several, separated by colons: the first is ours.
+        Some(s) if !s.is_empty() => {
+            let all = s.to_string_lossy().into_owned();
+            PathBuf::from(all.split(':').next().unwrap_or_default()).join("spool")
+        }
+        _ => std::env::temp_dir().join(format!("pgcarve-{slot}")),
     }
 }
 

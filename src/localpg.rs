@@ -295,8 +295,10 @@ impl Cluster {
         set("listen_addresses", "127.0.0.1");
         set("unix_socket_directories", &sock.display().to_string());
         set("wal_level", "logical");
-        set("max_wal_senders", "30");
-        set("max_replication_slots", "30");
+        // One slot per test environment, and the test binary shares one source cluster: the
+        // slots of finished tests stay (inactive) until the cluster goes.
+        set("max_wal_senders", "100");
+        set("max_replication_slots", "200");
         set("max_connections", "200");
         // Two-phase transactions, so tests can see pgoutput's prepare messages.
         set("max_prepared_transactions", "10");

@@ -265,3 +265,41 @@ async fn two_targets_in_one_database_keep_their_own_progress() {
     env.wait_equal("people", "patients").await;
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_failing_transaction_larger_than_memory_keeps_is_retried_from_disk() {
+    let env = Env::new(
+        SCHEMA,
+        &[("sick", &["patients"]), ("healthy", &["patients"])],
+    )
+    .await;
+    let sick = env.target("sick").await;
+    sick.batch_execute("ALTER TABLE patients ADD CONSTRAINT no_bad CHECK (name <> 'bad')")
+        .await
+        .unwrap();
+    // 100 changes kept in memory; the 3000-row transaction's rest goes to a file.
+    let daemon = start_daemon(&small_queues(env.config(), "retain_changes = 100\n"));
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute(
+        "INSERT INTO patients
+         SELECT g, CASE WHEN g = 3000 THEN 'bad' ELSE 'patient ' || g END
+         FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    insert_patients(&src, 5000, 1000, 50).await;
+    env.wait_equal("healthy", "patients").await;
+    wait_until("retries", Duration::from_secs(60), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "sick")]) >= 3.0
+    })
+    .await;
+    assert_eq!(count(&sick, "patients").await, 0);
+    assert_eq!(metric(&daemon, "migration_stream_restarts_total", &[]), 0.0);
+    sick.batch_execute("ALTER TABLE patients DROP CONSTRAINT no_bad")
+        .await
+        .unwrap();
+    env.wait_equal("sick", "patients").await;
+    assert_eq!(metric(&daemon, "migration_stream_restarts_total", &[]), 0.0);
+    daemon.stop().await;
+}

@@ -38,6 +38,9 @@ pub enum ApplyError {
     /// The connection failed (no server error): safe description only.
     #[error("target connection: {0}")]
     Connection(String),
+    /// The failed group's kept changes could not be read back from disk (retried from the slot).
+    #[error("kept changes: {0}")]
+    Kept(String),
     /// A value arrived in binary format, which we never request.
     #[error("binary value in column {column} of {table} (pgcarve requests text format)")]
     Binary {
@@ -95,6 +98,7 @@ impl ApplyError {
             ApplyError::Halted(_) => "ddl".into(),
             ApplyError::Connection(_) => "connection".into(),
             ApplyError::Binary { .. } => "protocol".into(),
+            ApplyError::Kept(_) => "spool".into(),
         }
     }
 

@@ -8,8 +8,8 @@
 //!   [`super::retained`], and what came after is in the queue, which spools while the task does
 //!   not take it (`link::queue`). The other targets never wait. After the backoff the task
 //!   reconnects, reloads its progress and applies the kept chunks again, then the queue.
-//! - **From the slot**: the group was too large to keep, or the target lost commits that were
-//!   not on its disk yet. The task discards what it is sent, and after the backoff publishes
+//! - **From the slot**: the kept chunks could not be written or read back (a disk error), or
+//!   the target lost commits that were not on its disk yet. The task discards what it is sent, and after the backoff publishes
 //!   "retry ready"; the reader restarts the stream from the slot's confirmed position (held back
 //!   by this target), and the next barrier resumes applying.
 //!
@@ -196,9 +196,7 @@ impl Worker {
     /// The backoff ended for a task that kept its failed group: reconnect, reload, and hand back
     /// the kept chunks to apply again (`None` when it stalled again, or must wait for the
     /// stream: the target lost commits that were not on its disk yet).
-    pub(super) async fn retry_from_kept(
-        &mut self,
-    ) -> Option<std::collections::VecDeque<crate::link::ApplyMsg>> {
+    pub(super) async fn retry_from_kept(&mut self) -> Option<super::Replay> {
         let lsn = self.stall.as_ref().and_then(|s| s.lsn);
         if let Err(e) = self.reconnect_if_needed().await {
             self.stall(e, lsn).await;

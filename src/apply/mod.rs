@@ -43,7 +43,6 @@ mod retained;
 pub mod statements;
 mod stmt_cache;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,7 +65,7 @@ use durability::{CommitStatements, Durability};
 use failure::{Failure, Stall};
 use group::Group;
 use progress::ProgressKey;
-use retained::Retained;
+use retained::{Replay, Retained};
 use stmt_cache::StmtCache;
 
 /// How often an idle target's WAL flush position is read while commits await durability.
@@ -190,7 +189,7 @@ impl Worker {
     async fn run(mut self, mut rx: QueueRx) {
         let mut carry: Option<ApplyMsg> = None;
         // A failed group being applied again (see [`retained`]), before anything new.
-        let mut replay: VecDeque<ApplyMsg> = VecDeque::new();
+        let mut replay = Replay::default();
         let mut idle_polls = 0u32;
         let mut told_stalled = false;
         loop {
@@ -214,7 +213,7 @@ impl Worker {
                     }
                     let retry_at = stall.retry_at;
                     tokio::select! {
-                        _ = rx.changed() => {}
+                        _ = rx.control_changed() => {}
                         _ = tokio::time::sleep_until(retry_at) => {
                             if let Some(kept) = self.retry_from_kept().await {
                                 replay = kept;
@@ -244,6 +243,15 @@ impl Worker {
             // Applying.
             let msg = match carry.take().or_else(|| replay.pop_front()) {
                 Some(m) => m,
+                // The kept chunks could not all be read back: the slot has them.
+                None if replay.lost => {
+                    replay = Replay::default();
+                    self.retained.give_up();
+                    let err =
+                        ApplyError::Kept("the failed group's file could not be read back".into());
+                    self.stall(err, None).await;
+                    continue;
+                }
                 // (Inside an open target transaction a poll would share its fate: after a
                 // failed pipelined statement it would fail too, and hide the cause.)
                 None if self.positions.undurable.is_empty() || self.group.in_txn => {

@@ -316,7 +316,11 @@ impl Worker {
             failures: 0,
             one_by_one_until: Lsn::ZERO,
             stall: None,
-            retained: super::Retained::new(facts.progress.unwrap_or(Lsn::ZERO), cfg.retain_changes),
+            retained: super::Retained::new(
+                facts.progress.unwrap_or(Lsn::ZERO),
+                cfg.retain_changes,
+                cfg.spool_dir.clone().map(|d| (d, target.name.clone())),
+            ),
             cfg,
             metrics,
             status,

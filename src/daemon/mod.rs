@@ -113,25 +113,13 @@ pub async fn run(
     result
 }
 
-/// Where the spools live: `apply.spool_dir`, else `spool` under systemd's state directory,
-/// else a folder named after the slot in the temporary folder.
+/// Where the spools live (`apply.spool_dir`, resolved by validation).
 fn spool_dir(settings: &Settings) -> std::path::PathBuf {
-    if let Some(dir) = &settings.apply.spool_dir {
-        return dir.clone();
-    }
-    match std::env::var_os("STATE_DIRECTORY") {
-        // systemd may list several, separated by colons: the first is ours.
-        Some(s) if !s.is_empty() => {
-            let first = s
-                .to_string_lossy()
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            std::path::PathBuf::from(first).join("spool")
-        }
-        _ => std::env::temp_dir().join(format!("pgcarve-{}", settings.slot)),
-    }
+    settings
+        .apply
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("pgcarve-{}", settings.slot)))
 }
 
 async fn run_inner(

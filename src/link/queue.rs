@@ -103,6 +103,8 @@ struct Inner {
     replies: HashMap<u64, oneshot::Sender<Lsn>>,
     /// The newest halt queued, for a stalled task to see at once.
     halt: Option<String>,
+    /// Barriers queued in memory whose reply was not sent yet.
+    unanswered: usize,
     buf: BytesMut,
 }
 
@@ -110,6 +112,8 @@ struct Shared {
     inner: Mutex<Inner>,
     to_reader: Notify,
     to_apply: Notify,
+    /// A barrier or halt was queued, or the reader left (what a stalled task waits for).
+    control: Notify,
 }
 
 impl Shared {
@@ -125,6 +129,7 @@ impl Drop for TxOwner {
     fn drop(&mut self) {
         self.0.lock().tx_closed = true;
         self.0.to_apply.notify_one();
+        self.0.control.notify_one();
     }
 }
 
@@ -170,10 +175,12 @@ pub fn channel(capacity: usize, spool: Option<SpoolSettings>) -> (QueueTx, Queue
             next_seq: 0,
             replies: HashMap::new(),
             halt: None,
+            unanswered: 0,
             buf: BytesMut::new(),
         }),
         to_reader: Notify::new(),
         to_apply: Notify::new(),
+        control: Notify::new(),
     });
     (
         QueueTx {
@@ -259,6 +266,10 @@ impl Inner {
     fn take(&mut self) -> Result<Option<ApplyMsg>, String> {
         if let Some((msg, w)) = self.mem.pop_front() {
             self.mem_weight -= w;
+            // (One answered already carries a reply nobody waits for: it was not counted.)
+            if matches!(&msg, ApplyMsg::Barrier(reply) if !reply.is_closed()) {
+                self.unanswered = self.unanswered.saturating_sub(1);
+            }
             self.waiting_since = Instant::now();
             return Ok(Some(msg));
         }
@@ -326,6 +337,9 @@ impl QueueTx {
                 if g.mem.is_empty() {
                     g.waiting_since = now;
                 }
+                if matches!(msg, ApplyMsg::Barrier(_)) {
+                    g.unanswered += 1;
+                }
                 g.mem.push_back((msg, w));
                 g.mem_weight += w;
                 Ok(Push::Queued)
@@ -342,6 +356,9 @@ impl QueueTx {
         };
         drop(g);
         self.shared.to_apply.notify_one();
+        if control {
+            self.shared.control.notify_one();
+        }
         match pushed {
             Ok(p) => p,
             Err(reason) => {
@@ -431,18 +448,21 @@ impl QueueRx {
         self.shared.to_reader.notify_one();
     }
 
-    /// Resolves when something was queued (or the reader left).
-    pub async fn changed(&self) {
-        self.shared.to_apply.notified().await
+    /// Resolves when a barrier or a halt was queued, or the reader left.
+    pub async fn control_changed(&self) {
+        self.shared.control.notified().await
     }
 
     /// Answers every queued barrier with `durable` at once (for a stalled task); the barriers
     /// stay in place as separators.
     pub fn answer_barriers(&self, durable: Lsn) {
         let mut g = self.shared.lock();
-        for (m, _) in g.mem.iter_mut() {
-            if let ApplyMsg::Barrier(reply) = m {
-                let _ = std::mem::replace(reply, oneshot::channel().0).send(durable);
+        if g.unanswered > 0 {
+            g.unanswered = 0;
+            for (m, _) in g.mem.iter_mut() {
+                if let ApplyMsg::Barrier(reply) = m {
+                    let _ = std::mem::replace(reply, oneshot::channel().0).send(durable);
+                }
             }
         }
         for (_, reply) in g.replies.drain() {

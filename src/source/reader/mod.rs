@@ -616,13 +616,11 @@ impl Reader {
         };
         let mut msg = msg;
         let mut status_at = Instant::now() + Duration::from_secs(5);
+        // Whether another target takes its share (a spool would help it) is asked only once
+        // this one's memory is full.
+        let mut others_live = None;
         loop {
-            let others_live = self
-                .links
-                .iter()
-                .enumerate()
-                .any(|(j, l)| j != i && Self::takes(l) && !l.tx.is_sick());
-            let until = match tx.try_push(msg, others_live) {
+            let until = match tx.try_push(msg, others_live.unwrap_or(false)) {
                 Push::Queued | Push::Spooled | Push::Dropped { first: false, .. } => return Ok(()),
                 Push::Dropped {
                     first: true,
@@ -644,6 +642,15 @@ impl Reader {
                 Push::Closed => return Err(ReaderError::TargetGone(self.links[i].name.clone())),
                 Push::Wait(m, until) => {
                     msg = m;
+                    if others_live.is_none() {
+                        others_live = Some(
+                            self.links
+                                .iter()
+                                .enumerate()
+                                .any(|(j, l)| j != i && Self::takes(l) && !l.tx.is_sick()),
+                        );
+                        continue;
+                    }
                     until
                 }
             };
@@ -659,6 +666,8 @@ impl Reader {
                 }
                 _ = self.shutdown.cancelled() => return Err(ReaderError::Stopping),
             }
+            // The other targets may have changed meanwhile.
+            others_live = None;
         }
     }
 
