@@ -295,6 +295,11 @@ impl Reader {
                 .spool_bytes
                 .with_label_values(&[&l.name])
                 .set(i64::try_from(l.tx.spooled_bytes()).unwrap_or(i64::MAX));
+            // (Also detached by an unreadable spool, which the apply side finds.)
+            self.metrics
+                .target_detached
+                .with_label_values(&[&l.name])
+                .set(i64::from(l.tx.is_detached()));
             if stuck >= hung {
                 not_progressing.push(l.name.clone());
             }
