@@ -693,8 +693,10 @@ async fn truncate_and_identity_changes_under_deferrable_foreign_keys() {
          CREATE TABLE child (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                              parent_id int REFERENCES parent DEFERRABLE);
          CREATE TABLE later (id int PRIMARY KEY,
+                             parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);
+         CREATE TABLE late_child (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                              parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);",
-        &[("svc", &["parent", "child", "later"])],
+        &[("svc", &["parent", "child", "later", "late_child"])],
     )
     .await;
     let daemon = env.start().await;
@@ -720,6 +722,17 @@ async fn truncate_and_identity_changes_under_deferrable_foreign_keys() {
     .await
     .unwrap();
     env.wait_equal("svc", "child").await;
+    // The same with an initially deferred key: its queued check holds, and runs before the
+    // identity override's ALTER.
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO late_child (parent_id) VALUES (1);
+         UPDATE late_child SET id = DEFAULT WHERE parent_id = 1;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("svc", "late_child").await;
     // Initially deferred: one transaction queues a check, the next truncates the table; both
     // land in one target transaction when they wait in the queue together.
     daemon.stop().await;

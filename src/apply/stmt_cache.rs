@@ -231,10 +231,12 @@ impl Worker {
         op: &'static str,
     ) -> Result<(), ApplyError> {
         if kind != "ALWAYS" {
-            // Initially deferred checks stay deferred: mid-transaction they may not hold yet.
-            // If one is pending on this table, the ALTER is refused (55006) and says so.
+            // ALTER TABLE is refused while any check is queued on the table, initially
+            // deferred ones included: run them all now. They hold here unless the source
+            // transaction repairs a violation only later on, which is then reported as the
+            // constraint's violation, naming it (the ALTER could not run either way).
             self.group.undeferred = self
-                .check_deferred_now(std::slice::from_ref(table), false, op)
+                .check_deferred_now(std::slice::from_ref(table), true, op)
                 .await?;
         }
         let alters: Vec<String> = cols
