@@ -200,6 +200,11 @@ impl Worker {
                 told_stalled = waiting;
             }
             if let Some(stall) = &self.stall {
+                if stall.from_slot {
+                    // The stream brings everything after what the target holds again: what a
+                    // retry had not applied yet must not go before it (or skip it).
+                    replay = Replay::default();
+                }
                 if stall.keeps_queue() {
                     // Waiting to retry from what it kept: the queue is left as it is (it spools),
                     // barriers are answered at once, a halt stops it for good.
@@ -216,7 +221,9 @@ impl Worker {
                         _ = rx.control_changed() => {}
                         _ = tokio::time::sleep_until(retry_at) => {
                             if let Some(kept) = self.retry_from_kept().await {
-                                replay = kept;
+                                // What an earlier retry had not applied yet when it failed
+                                // comes after what it applied again.
+                                replay = kept.followed_by(std::mem::take(&mut replay));
                             }
                         }
                     }

@@ -44,11 +44,13 @@ pub(super) struct Retained {
     buf: BytesMut,
 }
 
-/// Kept chunks handed back for a retry: memory first, then the file.
+/// Kept chunks handed back for a retry: memory first, then the file, then what an earlier
+/// retry had not applied yet when it failed.
 #[derive(Default)]
 pub(super) struct Replay {
     mem: VecDeque<ApplyMsg>,
     file: Option<(SpoolReader, KeptFile)>,
+    then: Option<Box<Replay>>,
     /// The file could not be read back whole: the rest must come from the slot.
     pub lost: bool,
 }
@@ -56,6 +58,42 @@ pub(super) struct Replay {
 impl Replay {
     /// The next kept chunk.
     pub fn pop_front(&mut self) -> Option<ApplyMsg> {
+        if let Some(m) = self.own_next() {
+            return Some(m);
+        }
+        if self.lost {
+            return None;
+        }
+        let then = self.then.as_mut()?;
+        let m = then.pop_front();
+        if then.lost {
+            self.lost = true;
+        }
+        if m.is_none() {
+            self.then = None;
+        }
+        m
+    }
+
+    /// Nothing left to apply (the file, if any, read back whole).
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+            && self.file.as_ref().is_none_or(|(_, k)| k.records == 0)
+            && self.then.as_ref().is_none_or(|t| t.is_empty())
+    }
+
+    /// Puts `rest` (what a failed retry had not applied yet) after this replay.
+    pub fn followed_by(mut self, rest: Replay) -> Replay {
+        if rest.lost {
+            self.lost = true;
+        } else if !rest.is_empty() {
+            debug_assert!(self.then.is_none());
+            self.then = Some(Box::new(rest));
+        }
+        self
+    }
+
+    fn own_next(&mut self) -> Option<ApplyMsg> {
         if let Some(m) = self.mem.pop_front() {
             return Some(m);
         }
@@ -189,6 +227,7 @@ impl Retained {
         Replay {
             mem,
             file,
+            then: None,
             lost: false,
         }
     }
@@ -286,6 +325,40 @@ mod tests {
         assert!(!file.exists(), "read back whole: removed");
         r.reset(Lsn(4));
         assert!(!dir.path().join("billing.kept2.spool").exists());
+    }
+
+    #[test]
+    fn a_retry_that_fails_early_keeps_what_it_had_not_applied_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Some((dir.path().to_path_buf(), "t".to_string()));
+        let mut r = Retained::new(Lsn(0), 2, spill);
+        for lsn in [10, 20, 30] {
+            r.keep(
+                &xact(lsn),
+                &inserts(1),
+                Some(CommitInfo {
+                    end_lsn: Lsn(lsn + 1),
+                }),
+            );
+        }
+        let mut first = r.take(Lsn(0));
+        // The retry applies (and keeps) the first transaction, then fails on it again.
+        let m = first.pop_front().unwrap();
+        let ApplyMsg::Chunk {
+            xact: x,
+            changes,
+            commit,
+        } = &m
+        else {
+            panic!()
+        };
+        r.keep(x, changes, *commit);
+        // The next retry: what was applied again, then what the failed one never reached.
+        let second = r.take(Lsn(0)).followed_by(first);
+        assert_eq!(
+            lsns(second),
+            vec![(10, 1, true), (20, 1, true), (30, 1, true)]
+        );
     }
 
     #[test]
