@@ -303,3 +303,32 @@ async fn a_failing_transaction_larger_than_memory_keeps_is_retried_from_disk() {
     assert_eq!(metric(&daemon, "migration_stream_restarts_total", &[]), 0.0);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_retry_that_fails_again_keeps_every_transaction_of_its_group() {
+    let env = Env::new(SCHEMA, &[("sick", &["patients"])]).await;
+    let sick = env.target("sick").await;
+    sick.batch_execute("ALTER TABLE patients ADD CONSTRAINT no_bad CHECK (name <> 'bad')")
+        .await
+        .unwrap();
+    // The slot exists; the transactions wait in it, so the target takes them as one group.
+    env.start().await.stop().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (1, 'bad')")
+        .await
+        .unwrap();
+    insert_patients(&src, 2, 40, 2).await;
+    let daemon = env.start().await;
+    // The group fails; each retry fails again on its first transaction, before the others.
+    wait_until("retries", Duration::from_secs(60), || async {
+        metric(&daemon, "migration_errors_total", &[("target", "sick")]) >= 4.0
+    })
+    .await;
+    assert_eq!(count(&sick, "patients").await, 0);
+    sick.batch_execute("ALTER TABLE patients DROP CONSTRAINT no_bad")
+        .await
+        .unwrap();
+    // Every transaction of the group arrives, none skipped.
+    env.wait_equal("sick", "patients").await;
+    daemon.stop().await;
+}
