@@ -102,7 +102,7 @@ pub struct ApplyConfig {
     /// rejoins by one stream restart.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
-    /// Folder of the spools (created 0700; they hold row data). Default: `spool` under
+    /// Folder of the spools (created 0700; they hold row data). Default: `spool-<slot>` under
     /// systemd's `$STATE_DIRECTORY`, else `pgcarve-<slot>` in the temporary folder (always
     /// set once validated).
     #[serde(default)]
@@ -432,14 +432,14 @@ impl Config {
     }
 }
 
-/// `spool` under systemd's state directory, else a folder named after the slot in the
-/// temporary folder.
+/// A folder named after the slot (one per instance: each start empties it) under systemd's
+/// state directory, else in the temporary folder.
 fn default_spool_dir(slot: &str) -> PathBuf {
     match std::env::var_os("STATE_DIRECTORY") {
         // systemd may list several, separated by colons: the first is ours.
         Some(s) if !s.is_empty() => {
             let all = s.to_string_lossy().into_owned();
-            PathBuf::from(all.split(':').next().unwrap_or_default()).join("spool")
+            PathBuf::from(all.split(':').next().unwrap_or_default()).join(format!("spool-{slot}"))
         }
         _ => std::env::temp_dir().join(format!("pgcarve-{slot}")),
     }

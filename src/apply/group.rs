@@ -138,6 +138,16 @@ impl Worker {
         if xact.final_lsn < self.positions.committed {
             return Ok(());
         }
+        // A transaction is whole: a chunk of another one while it is open means chunks went
+        // missing (a bug, or a spool lost): never commit it that way.
+        if self.group.in_txn && !self.group.complete && xact.final_lsn != self.group.last {
+            self.retained.give_up();
+            return Err(ApplyError::Kept(format!(
+                "a chunk of the transaction at {} arrived while the one at {} was incomplete",
+                xact.final_lsn, self.group.last
+            ))
+            .into());
+        }
         if !self.group.in_txn {
             self.session
                 .client

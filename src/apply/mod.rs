@@ -341,7 +341,15 @@ impl Worker {
                         if self.group.txns < self.cfg.group_transactions as u64
                             && !self.one_by_one()
                         {
-                            if let Some(next) = replay.pop_front().or_else(|| rx.try_recv()) {
+                            // (Never past kept chunks that could not be read back.)
+                            let next = replay.pop_front().or_else(|| {
+                                if replay.lost {
+                                    None
+                                } else {
+                                    rx.try_recv()
+                                }
+                            });
+                            if let Some(next) = next {
                                 carry = Some(next);
                                 continue;
                             }

@@ -219,16 +219,24 @@ impl Retained {
                 commit,
             })
             .collect();
-        let file = self.file.take().and_then(|kept| {
-            let reader = kept.writer.reader().ok()?;
-            Some((reader, kept))
-        });
+        let mut lost = false;
+        let file = self
+            .file
+            .take()
+            .and_then(|kept| match kept.writer.reader() {
+                Ok(reader) => Some((reader, kept)),
+                Err(_) => {
+                    // The rest of the group is in the slot only.
+                    lost = true;
+                    None
+                }
+            });
         self.reset(committed);
         Replay {
             mem,
             file,
             then: None,
-            lost: false,
+            lost,
         }
     }
 }
@@ -359,6 +367,20 @@ mod tests {
             lsns(second),
             vec![(10, 1, true), (20, 1, true), (30, 1, true)]
         );
+    }
+
+    #[test]
+    fn a_kept_file_that_cannot_be_opened_again_is_lost_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Some((dir.path().to_path_buf(), "t".to_string()));
+        let mut r = Retained::new(Lsn(0), 1, spill);
+        r.keep(&xact(1), &inserts(1), None);
+        r.keep(&xact(1), &inserts(1), Some(CommitInfo { end_lsn: Lsn(2) }));
+        std::fs::remove_file(dir.path().join("t.kept1.spool")).unwrap();
+        let mut replay = r.take(Lsn(0));
+        assert!(replay.pop_front().is_some(), "the part in memory");
+        assert!(replay.pop_front().is_none());
+        assert!(replay.lost, "the rest must come from the slot");
     }
 
     #[test]

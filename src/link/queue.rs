@@ -20,7 +20,7 @@
 //!
 //! # Detached
 //! A spool that reaches `apply.spool_max_bytes` (or that the file system refuses) detaches the
-//! target: every later chunk is dropped, and the reader, told so, counts the target as pending
+//! target: every later chunk is dropped (barriers and halts are not), and the reader, told so, counts the target as pending
 //! at what it holds (the slot keeps the rest) until it rejoins by one stream restart, whose
 //! barrier ends the detachment. What was queued before the drop is still applied.
 //!
@@ -105,6 +105,8 @@ struct Inner {
     halt: Option<String>,
     /// Barriers queued in memory whose reply was not sent yet.
     unanswered: usize,
+    /// Why the spool could not be read back, until the task hears it.
+    lost: Option<String>,
     buf: BytesMut,
 }
 
@@ -176,6 +178,7 @@ pub fn channel(capacity: usize, spool: Option<SpoolSettings>) -> (QueueTx, Queue
             replies: HashMap::new(),
             halt: None,
             unanswered: 0,
+            lost: None,
             buf: BytesMut::new(),
         }),
         to_reader: Notify::new(),
@@ -319,14 +322,18 @@ impl QueueTx {
             g.halt = Some(reason.clone());
         }
         if g.detached {
-            if !matches!(msg, ApplyMsg::Barrier(_)) {
-                return Push::Dropped {
-                    first: false,
-                    reason: "detached".into(),
-                };
+            match msg {
+                // A barrier: the stream restarts, and everything after it is sent again.
+                ApplyMsg::Barrier(_) => g.detached = false,
+                // A halt is never dropped: it must stop the target before it rejoins.
+                ApplyMsg::Halt(_) => {}
+                ApplyMsg::Chunk { .. } => {
+                    return Push::Dropped {
+                        first: false,
+                        reason: "detached".into(),
+                    }
+                }
             }
-            // A barrier: the stream restarts, and everything after it is sent again.
-            g.detached = false;
         }
         let now = Instant::now();
         let pushed = if g.disk.is_some() {
@@ -402,6 +409,22 @@ impl QueueTx {
     }
 }
 
+impl Inner {
+    /// Takes the next message; a spool that cannot be read back detaches the target (what it
+    /// held comes again from the slot) and its error waits for [`QueueRx::recv`].
+    fn take_or_detach(&mut self) -> Option<ApplyMsg> {
+        match self.take() {
+            Ok(m) => m,
+            Err(e) => {
+                self.disk = None;
+                self.detached = true;
+                self.lost = Some(e);
+                None
+            }
+        }
+    }
+}
+
 impl QueueRx {
     /// The next message, or `None` once the reader is gone and nothing is left. An unreadable
     /// spool detaches the target (its error is returned once; the slot keeps what was lost).
@@ -410,34 +433,31 @@ impl QueueRx {
             let notified = self.shared.to_apply.notified();
             {
                 let mut g = self.shared.lock();
-                match g.take() {
-                    Ok(Some(m)) => {
+                let m = g.take_or_detach();
+                if let Some(e) = g.lost.take() {
+                    drop(g);
+                    self.shared.to_reader.notify_one();
+                    return Err(e);
+                }
+                match m {
+                    Some(m) => {
                         drop(g);
                         self.shared.to_reader.notify_one();
                         return Ok(Some(m));
                     }
-                    Ok(None) if g.tx_closed => return Ok(None),
-                    Ok(None) => {}
-                    Err(e) => {
-                        g.disk = None;
-                        g.detached = true;
-                        drop(g);
-                        self.shared.to_reader.notify_one();
-                        return Err(e);
-                    }
+                    None if g.tx_closed => return Ok(None),
+                    None => {}
                 }
             }
             notified.await;
         }
     }
 
-    /// The next message if one is waiting (an unreadable spool reads as nothing; `recv` says
-    /// why).
+    /// The next message if one is waiting (an unreadable spool detaches the target and reads
+    /// as nothing; the next `recv` says why).
     pub fn try_recv(&mut self) -> Option<ApplyMsg> {
-        let m = self.shared.lock().take().ok().flatten();
-        if m.is_some() {
-            self.shared.to_reader.notify_one();
-        }
+        let m = self.shared.lock().take_or_detach();
+        self.shared.to_reader.notify_one();
         m
     }
 

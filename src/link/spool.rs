@@ -53,6 +53,8 @@ pub struct SpoolWriter {
     file: BufWriter<File>,
     end: u64,
     max_bytes: u64,
+    /// A write failed part-way: what follows the last whole frame is not a frame.
+    broken: bool,
 }
 
 /// Where target `target`'s spool lives in `dir`.
@@ -99,6 +101,7 @@ impl SpoolWriter {
             file: BufWriter::with_capacity(256 * 1024, file),
             end: 0,
             max_bytes,
+            broken: false,
         })
     }
 
@@ -115,8 +118,18 @@ impl SpoolWriter {
                 max: self.max_bytes,
             });
         }
-        self.file.write_all(&len.to_be_bytes())?;
-        self.file.write_all(msg)?;
+        if self.broken {
+            return Err(SpoolError::Io(io::Error::other("an earlier write failed")));
+        }
+        let written = self
+            .file
+            .write_all(&len.to_be_bytes())
+            .and_then(|()| self.file.write_all(msg));
+        if let Err(e) = written {
+            // Part of a frame may be in the file: no frame may follow it.
+            self.broken = true;
+            return Err(SpoolError::Io(e));
+        }
         self.end = next;
         Ok(next)
     }

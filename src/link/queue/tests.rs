@@ -147,15 +147,22 @@ async fn a_full_spool_detaches_until_a_barrier_and_keeps_what_it_had() {
     let first = first.expect("the bound is reached");
     assert!(tx.is_detached());
     assert!(matches!(
-        tx.try_push(ApplyMsg::Halt("x".into()), true),
+        tx.try_push(chunk(99, 1), true),
         Push::Dropped { first: false, .. }
     ));
-    // What was queued before the drop is still applied.
+    // A halt is never dropped: it must stop the target before it could rejoin.
+    assert!(matches!(
+        tx.try_push(ApplyMsg::Halt("x".into()), true),
+        Push::Spooled
+    ));
+    // What was queued before the drop is still applied, then the halt.
     rx.set_stalled(false);
     let lsns: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
         .map(|m| lsn_of(&m))
         .collect();
-    assert_eq!(lsns, (1..first).collect::<Vec<_>>());
+    let mut expected: Vec<u64> = (1..first).collect();
+    expected.push(u64::MAX - 1);
+    assert_eq!(lsns, expected);
     assert!(
         tx.is_empty() && tx.is_detached(),
         "done with what it holds: time to rejoin"
@@ -231,4 +238,35 @@ async fn with_no_other_target_taking_the_reader_waits_instead_of_spooling() {
     rx.set_stalled(false);
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(1));
     assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(2));
+}
+
+#[tokio::test]
+async fn an_unreadable_spool_detaches_and_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = channel(1, spool(dir.path(), 1 << 20, 60_000));
+    rx.set_stalled(true);
+    assert!(queued(tx.try_push(chunk(1, 1), true)));
+    assert!(matches!(tx.try_push(chunk(2, 1), true), Push::Spooled));
+    assert!(matches!(tx.try_push(chunk(3, 1), true), Push::Spooled));
+    rx.set_stalled(false);
+    assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(1));
+    // Reading the first spooled record flushed both; damage the second's kind byte.
+    assert_eq!(rx.try_recv().map(|m| lsn_of(&m)), Some(2));
+    let path = dir.path().join("billing.spool");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let first = u32::from_be_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    bytes[4 + first + 4] = b'?';
+    std::fs::write(&path, bytes).unwrap();
+    assert!(
+        rx.try_recv().is_none(),
+        "nothing past a record it cannot read"
+    );
+    assert!(tx.is_detached());
+    let err = rx.recv().await.expect_err("the reason, once");
+    assert!(err.contains("unknown record kind"), "{err}");
+    // Later chunks are dropped until the rejoin's barrier.
+    assert!(matches!(
+        tx.try_push(chunk(4, 1), true),
+        Push::Dropped { .. }
+    ));
 }

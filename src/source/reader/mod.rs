@@ -82,6 +82,8 @@ pub struct TargetLink {
     pub status: watch::Receiver<TargetStatus>,
     /// What it was sent and holds.
     pos: Position,
+    /// A stream restart was made for its need (see `needs_restream`).
+    restart_asked: bool,
 }
 
 impl TargetLink {
@@ -97,6 +99,7 @@ impl TargetLink {
             tx,
             status,
             pos: Position::new(committed),
+            restart_asked: false,
         }
     }
 }
@@ -690,18 +693,30 @@ impl Reader {
     }
 
     /// A target that needs the stream again: ready to retry after a failure the queue could
-    /// not keep (`retry_ready`), or detached and done with what it holds.
-    fn needs_restream(&self) -> bool {
-        self.links.iter().any(|l| {
-            let status = l.status.borrow();
-            match status.state {
-                TargetState::Stalled {
-                    retry_ready: true, ..
-                } => true,
-                TargetState::Streaming => l.tx.is_detached() && l.tx.is_empty(),
-                _ => false,
+    /// not keep (`retry_ready`), or detached and done with what it holds. One restart per
+    /// need: a target that has not reached the barrier of the restart made for it yet (it may
+    /// first discard a long queue) asks for no other.
+    fn needs_restream(&mut self) -> bool {
+        let mut needed = false;
+        for l in &mut self.links {
+            let wants = {
+                let status = l.status.borrow();
+                match status.state {
+                    TargetState::Stalled {
+                        retry_ready: true, ..
+                    } => true,
+                    TargetState::Streaming => l.tx.is_detached() && l.tx.is_empty(),
+                    _ => false,
+                }
+            };
+            if !wants {
+                l.restart_asked = false;
+            } else if !l.restart_asked {
+                l.restart_asked = true;
+                needed = true;
             }
-        })
+        }
+        needed
     }
 }
 
