@@ -104,20 +104,27 @@ async fn a_failing_target_with_a_large_backlog_never_holds_the_others_up() {
     daemon.stop().await;
 }
 
-#[tokio::test]
-async fn a_locked_target_is_spooled_for_and_a_stop_still_ends_in_time() {
+/// Targets "locked" and "free" owning `patients`, the daemon streaming with small queues and
+/// `extra` settings, and a client on "locked" to hold its table with.
+async fn locked_and_free(extra: &str) -> (Env, crate::common::Daemon, tokio_postgres::Client) {
     let env = Env::new(
         SCHEMA,
         &[("locked", &["patients"]), ("free", &["patients"])],
     )
     .await;
-    let daemon = start_daemon(&small_queues(env.config(), "shutdown_secs = 4\n"));
+    let daemon = start_daemon(&small_queues(env.config(), extra));
     env.wait_slot().await;
-    let mut locker = env.target("locked").await;
+    let locker = env.target("locked").await;
+    (env, daemon, locker)
+}
+
+const LOCK: &str = "LOCK TABLE patients IN ACCESS EXCLUSIVE MODE";
+
+#[tokio::test]
+async fn a_locked_target_is_spooled_for_and_a_stop_still_ends_in_time() {
+    let (env, daemon, mut locker) = locked_and_free("shutdown_secs = 4\n").await;
     let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE patients IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    lock.batch_execute(LOCK).await.unwrap();
     let src = env.source().await;
     insert_patients(&src, 1, 3000, 10).await;
     // The free target takes all of it while the other waits on the lock with a full queue.
@@ -135,9 +142,7 @@ async fn a_locked_target_is_spooled_for_and_a_stop_still_ends_in_time() {
 
     // Locked again with a backlog: a stop still ends in time (the statement is cancelled).
     let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE patients IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    lock.batch_execute(LOCK).await.unwrap();
     insert_patients(&src, 5000, 1000, 10).await;
     env.wait_equal("free", "patients").await;
     tokio::time::timeout(Duration::from_secs(60), daemon.stop())
@@ -172,19 +177,10 @@ async fn a_locked_target_is_spooled_for_and_a_stop_still_ends_in_time() {
 
 #[tokio::test]
 async fn an_overflowing_spool_detaches_its_target_until_one_stream_restart() {
-    let env = Env::new(
-        SCHEMA,
-        &[("locked", &["patients"]), ("free", &["patients"])],
-    )
-    .await;
     // The smallest spool allowed (1 MiB): 60 000 rows (about 40 bytes each there) overflow it.
-    let daemon = start_daemon(&small_queues(env.config(), "spool_max_bytes = 1048576\n"));
-    env.wait_slot().await;
-    let mut locker = env.target("locked").await;
+    let (env, daemon, mut locker) = locked_and_free("spool_max_bytes = 1048576\n").await;
     let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE patients IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    lock.batch_execute(LOCK).await.unwrap();
     let src = env.source().await;
     insert_patients(&src, 1, 60_000, 1000).await;
     env.wait_equal("free", "patients").await;

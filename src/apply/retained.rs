@@ -254,19 +254,7 @@ mod tests {
     }
 
     fn inserts(n: usize) -> Vec<Change> {
-        let rel = std::sync::Arc::new(crate::link::RelationInfo {
-            table: crate::table::TableName::parse("t").unwrap(),
-            relation: crate::pgoutput::Relation {
-                xid: None,
-                oid: 1,
-                namespace: "public".into(),
-                name: "t".into(),
-                replica_identity: crate::pgoutput::ReplicaIdentity::Default,
-                columns: Vec::new(),
-            },
-            generation: 0,
-            targets: vec![0],
-        });
+        let rel = crate::link::change::test_relation("t", 0);
         (0..n)
             .map(|_| Change::Insert {
                 rel: rel.clone(),

@@ -124,3 +124,21 @@ pub enum ApplyMsg {
     /// cannot follow for a table this target owns. The reason names it and the fix; no value.
     Halt(String),
 }
+
+/// A relation with no columns, for tests of what carries changes (queue, spool, retries).
+#[cfg(test)]
+pub fn test_relation(name: &str, generation: u64) -> Arc<RelationInfo> {
+    Arc::new(RelationInfo {
+        table: TableName::parse(name).expect("a table name"),
+        relation: Relation {
+            xid: None,
+            oid: 16384,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: crate::pgoutput::ReplicaIdentity::Default,
+            columns: Vec::new(),
+        },
+        generation,
+        targets: vec![0],
+    })
+}

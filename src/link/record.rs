@@ -239,23 +239,11 @@ fn as_change(msg: Message, registry: &Registry) -> Result<Change, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::{OldKind, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
+    use crate::pgoutput::{OldKind, OldTuple, Tuple, Value};
     use proptest::prelude::*;
 
     fn rel(name: &str, generation: u64) -> Arc<RelationInfo> {
-        Arc::new(RelationInfo {
-            table: crate::table::TableName::parse(name).unwrap(),
-            relation: Relation {
-                xid: None,
-                oid: 16384,
-                namespace: "public".into(),
-                name: name.into(),
-                replica_identity: ReplicaIdentity::Default,
-                columns: Vec::new(),
-            },
-            generation,
-            targets: vec![0],
-        })
+        crate::link::change::test_relation(name, generation)
     }
 
     fn text(s: &str) -> Value {

@@ -2,19 +2,7 @@ use super::*;
 use crate::link::{Change, CommitInfo, XactInfo};
 
 fn rel() -> Arc<crate::link::RelationInfo> {
-    Arc::new(crate::link::RelationInfo {
-        table: crate::table::TableName::parse("t").unwrap(),
-        relation: crate::pgoutput::Relation {
-            xid: None,
-            oid: 1,
-            namespace: "public".into(),
-            name: "t".into(),
-            replica_identity: crate::pgoutput::ReplicaIdentity::Default,
-            columns: Vec::new(),
-        },
-        generation: 0,
-        targets: vec![0],
-    })
+    crate::link::change::test_relation("t", 0)
 }
 
 /// A chunk of `n` inserts of the transaction ending at `lsn`.
