@@ -44,8 +44,9 @@ fn small_queues(config: String, extra: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn a_failing_target_with_a_large_backlog_never_holds_the_others_up() {
+/// Targets "sick" (rejecting rows named 'bad') and "healthy" owning `patients`, the daemon
+/// streaming with small queues and `extra` settings, and a client on "sick".
+async fn sick_and_healthy(extra: &str) -> (Env, crate::common::Daemon, tokio_postgres::Client) {
     let env = Env::new(
         SCHEMA,
         &[("sick", &["patients"]), ("healthy", &["patients"])],
@@ -55,8 +56,14 @@ async fn a_failing_target_with_a_large_backlog_never_holds_the_others_up() {
     sick.batch_execute("ALTER TABLE patients ADD CONSTRAINT no_bad CHECK (name <> 'bad')")
         .await
         .unwrap();
-    let daemon = start_daemon(&small_queues(env.config(), ""));
+    let daemon = start_daemon(&small_queues(env.config(), extra));
     env.wait_slot().await;
+    (env, daemon, sick)
+}
+
+#[tokio::test]
+async fn a_failing_target_with_a_large_backlog_never_holds_the_others_up() {
+    let (env, daemon, sick) = sick_and_healthy("").await;
     let src = env.source().await;
     src.batch_execute("INSERT INTO patients VALUES (1, 'bad')")
         .await
@@ -264,18 +271,8 @@ async fn two_targets_in_one_database_keep_their_own_progress() {
 
 #[tokio::test]
 async fn a_failing_transaction_larger_than_memory_keeps_is_retried_from_disk() {
-    let env = Env::new(
-        SCHEMA,
-        &[("sick", &["patients"]), ("healthy", &["patients"])],
-    )
-    .await;
-    let sick = env.target("sick").await;
-    sick.batch_execute("ALTER TABLE patients ADD CONSTRAINT no_bad CHECK (name <> 'bad')")
-        .await
-        .unwrap();
     // 100 changes kept in memory; the 3000-row transaction's rest goes to a file.
-    let daemon = start_daemon(&small_queues(env.config(), "retain_changes = 100\n"));
-    env.wait_slot().await;
+    let (env, daemon, sick) = sick_and_healthy("retain_changes = 100\n").await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO patients
