@@ -1,38 +1,41 @@
 //! The reader task: one replication stream, decoded once, routed to every owning target.
 //!
 //! ```text
-//!  slot ──CopyBoth──► reader ──Chunk/Barrier──► [bounded mpsc] ──► apply task (target A)
-//!                       │    └──────────────────► [bounded mpsc] ──► apply task (target B)
-//!                       ◄──── committed LSN (watch) ─────────────────┘
+//!  slot ──CopyBoth──► reader ──Chunk/Barrier──► [queue: memory, or spool] ──► apply task (A)
+//!                       │    └──────────────────► [queue: memory, or spool] ──► apply task (B)
+//!                       ◄──── committed LSN (watch) ──────────────────────────┘
 //!                       └──standby status update (confirm = rule in `feedback`)──► slot
 //! ```
 //!
-//! Whole source transactions travel as chunks (at most `apply.chunk_changes` changes each);
-//! the awaited `send` on a full channel is the backpressure that stops reading, so the slot, not
-//! our memory, holds the WAL. Status updates keep flowing while we wait.
+//! Whole source transactions travel as chunks (at most `apply.chunk_changes` changes each).
+//! A target that takes its share slower than we read makes us wait (backpressure: the slot,
+//! not our memory, holds the WAL); a target that takes nothing is spooled for, so the others go
+//! on (`link::queue`, [`targets`]). Status updates keep flowing while we wait.
 //!
 //! What goes where is decided in [`txn`] (pure); what may be confirmed in [`feedback`] (pure).
 //!
-//! Restarts (connection loss, a stalled target ready to retry) first send a barrier to
-//! every target: each finishes or rolls back its open group and answers with its committed LSN.
-//! Then the stream starts again from the slot's confirmed position and each target skips what it
-//! holds (`final_lsn < committed`).
+//! Restarts (connection loss, a detached target rejoining, a retry that needs the slot) first
+//! send a barrier to every target: each finishes or rolls back its open group and answers with
+//! its committed LSN (a stalled one at once, a hung one is not waited for). Then the stream
+//! starts again from the slot's confirmed position and each target skips what it holds
+//! (`final_lsn < committed`).
 
 mod ddl;
 pub mod feedback;
+mod targets;
 pub mod txn;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::health::Health;
-use crate::link::queue::{Push, QueueTx};
-use crate::link::{ApplyMsg, Change, TargetState, TargetStatus, XactInfo};
+use crate::link::queue::QueueTx;
+use crate::link::{Change, TargetStatus, XactInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pg::quote_ident;
@@ -324,59 +327,6 @@ impl Reader {
         self.health.set_lag(overall, self.confirmed);
     }
 
-    /// How long a stream restart waits for a target's answer to its barrier: long enough for
-    /// a healthy target to commit what it holds, short enough that a hung one costs the others
-    /// little.
-    fn restart_patience(&self) -> Duration {
-        Duration::from_secs_f64(self.settings.apply.stall_secs).max(Duration::from_secs(5))
-    }
-
-    /// Quiesces every target and resets the dispatch state to what each has committed. A
-    /// target that does not answer within `patience` (a lock, a dead connection) is not
-    /// waited for: it counts at what its status says is durable, and the barrier stays in its
-    /// queue, so it settles what it holds before what the new stream sends it. (A stalled
-    /// target answers at once.)
-    async fn barrier(&mut self, patience: Duration) -> Result<(), ReaderError> {
-        let mut replies = Vec::with_capacity(self.links.len());
-        for l in &self.links {
-            let (tx, rx) = oneshot::channel();
-            if let Push::Closed = l.tx.try_push(ApplyMsg::Barrier(tx), true) {
-                return Err(ReaderError::TargetGone(l.name.clone()));
-            }
-            replies.push(rx);
-        }
-        let deadline = tokio::time::Instant::now() + patience;
-        let mut committed = Vec::with_capacity(replies.len());
-        for (l, rx) in self.links.iter().zip(replies) {
-            let c = match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(_)) => return Err(ReaderError::TargetGone(l.name.clone())),
-                Err(_) => {
-                    let durable = l.status.borrow().committed;
-                    tracing::warn!(target_name = %l.name, committed = %durable, "target did not answer the barrier in time; counting it at what it made durable");
-                    durable
-                }
-            };
-            committed.push(c);
-        }
-        // Confirm what the barrier made durable before forgetting what was in flight.
-        self.update_confirmed();
-        for (l, c) in self.links.iter_mut().zip(committed) {
-            l.pos.reset(c);
-            self.metrics
-                .target_detached
-                .with_label_values(&[&l.name])
-                .set(0);
-        }
-        self.open = None;
-        self.idle_wal_end = None;
-        // The stream restarts from the confirmed position: everything after it will be read
-        // again, so it no longer counts as processed. Without this, a target that was reset to
-        // an older position would not be pending, and we would confirm past what it needs.
-        self.last_processed = self.confirmed;
-        Ok(())
-    }
-
     /// The end of a stream on shutdown: quiesce the targets (for at most most of
     /// `apply.shutdown_secs`: the daemon cancels statements that hold them up), confirm what is
     /// durable, close.
@@ -605,118 +555,6 @@ impl Reader {
             self.send(conn, i, chunk).await?;
         }
         Ok(())
-    }
-
-    /// Sends to a target: into its queue, or its spool while it does not take changes (see
-    /// `link::queue`), waiting only while it takes them slower than we read (backpressure),
-    /// with the source connection kept alive by status updates meanwhile. A target whose spool
-    /// overflows is detached: it stays pending at what it holds until it rejoins.
-    async fn send(
-        &mut self,
-        conn: &mut ReplicationConn,
-        i: usize,
-        msg: ApplyMsg,
-    ) -> Result<(), ReaderError> {
-        let tx = self.links[i].tx.clone();
-        let lsn = match &msg {
-            ApplyMsg::Chunk { xact, .. } => Some(xact.final_lsn),
-            _ => None,
-        };
-        let mut msg = msg;
-        let mut status_at = Instant::now() + Duration::from_secs(5);
-        // Whether another target takes its share (a spool would help it) is asked only once
-        // this one's memory is full.
-        let mut others_live = None;
-        loop {
-            let until = match tx.try_push(msg, others_live.unwrap_or(false)) {
-                Push::Queued | Push::Spooled | Push::Dropped { first: false, .. } => return Ok(()),
-                Push::Dropped {
-                    first: true,
-                    reason,
-                } => {
-                    let l = &self.links[i];
-                    tracing::warn!(
-                        target_name = %l.name,
-                        lsn = %lsn.unwrap_or(Lsn::ZERO),
-                        committed = %l.status.borrow().committed,
-                        "target detached: {reason}; the slot keeps what it lacks, and it rejoins by one stream restart once it has applied what it holds"
-                    );
-                    self.metrics
-                        .target_detached
-                        .with_label_values(&[&l.name])
-                        .set(1);
-                    return Ok(());
-                }
-                Push::Closed => return Err(ReaderError::TargetGone(self.links[i].name.clone())),
-                Push::Wait(m, until) => {
-                    msg = m;
-                    if others_live.is_none() {
-                        others_live = Some(
-                            self.links
-                                .iter()
-                                .enumerate()
-                                .any(|(j, l)| j != i && Self::takes(l) && !l.tx.is_sick()),
-                        );
-                        continue;
-                    }
-                    until
-                }
-            };
-            // Without an instant, look again each second: another target may take again.
-            let sick_at = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            tokio::select! {
-                _ = tx.changed() => {}
-                _ = tokio::time::sleep_until(sick_at.into()) => {}
-                _ = tokio::time::sleep_until(status_at.into()) => {
-                    self.update_lag();
-                    self.send_status(conn, true).await?;
-                    status_at = Instant::now() + Duration::from_secs(5);
-                }
-                _ = self.shutdown.cancelled() => return Err(ReaderError::Stopping),
-            }
-            // The other targets may have changed meanwhile.
-            others_live = None;
-        }
-    }
-
-    /// Whether target `l` gets the transactions that begin now: not while it is detached, nor
-    /// once it waits for an operator (the slot keeps them; spooling would only fill the disk).
-    fn takes(l: &TargetLink) -> bool {
-        let operator = matches!(
-            l.status.borrow().state,
-            TargetState::Stalled {
-                needs_operator: true,
-                ..
-            }
-        );
-        !operator && !l.tx.is_detached()
-    }
-
-    /// A target that needs the stream again: ready to retry after a failure the queue could
-    /// not keep (`retry_ready`), or detached and done with what it holds. One restart per
-    /// need: a target that has not reached the barrier of the restart made for it yet (it may
-    /// first discard a long queue) asks for no other.
-    fn needs_restream(&mut self) -> bool {
-        let mut needed = false;
-        for l in &mut self.links {
-            let wants = {
-                let status = l.status.borrow();
-                match status.state {
-                    TargetState::Stalled {
-                        retry_ready: true, ..
-                    } => true,
-                    TargetState::Streaming => l.tx.is_detached() && l.tx.is_empty(),
-                    _ => false,
-                }
-            };
-            if !wants {
-                l.restart_asked = false;
-            } else if !l.restart_asked {
-                l.restart_asked = true;
-                needed = true;
-            }
-        }
-        needed
     }
 }
 
