@@ -223,8 +223,9 @@ impl Worker {
 
     /// The queue could not read this target's spool back: it is detached (the reader restarts
     /// the stream for it once it has applied what it holds).
-    pub(super) fn spool_lost(&mut self, err: &str) {
-        tracing::error!(target_name = %self.name, committed = %self.positions.committed, "cannot read the spool back ({err}); the target is detached and rejoins from the slot");
+    /// `reason` is value-free: a file error, or a record error, which names no content.
+    pub(super) fn spool_lost(&mut self, reason: &str) {
+        tracing::error!(target_name = %self.name, committed = %self.positions.committed, "cannot read the spool back ({reason}); the target is detached and rejoins from the slot");
     }
 
     /// A barrier while stalled: before the backoff ends, answer it; after, retry — reconnect

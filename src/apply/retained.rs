@@ -146,9 +146,10 @@ impl Retained {
             self.mem.push((*xact, changes.to_vec(), commit));
             return;
         }
-        if let Err(e) = self.keep_in_file(xact, changes, commit) {
+        // (A file error: it names the file, never a value.)
+        if let Err(reason) = self.keep_in_file(xact, changes, commit) {
             tracing::warn!(
-                "cannot keep the open group's changes on disk ({e}); should it fail, its retry reads it again from the slot"
+                "cannot keep the open group's changes on disk ({reason}); should it fail, its retry reads it again from the slot"
             );
             self.file = None;
             self.mem = Vec::new();
