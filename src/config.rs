@@ -434,7 +434,7 @@ impl Config {
 
 /// A folder named after the slot (one per instance: each start empties it) under systemd's
 /// state directory, else in the temporary folder.
-fn default_spool_dir(slot: &str) -> PathBuf {
+pub fn default_spool_dir(slot: &str) -> PathBuf {
     match std::env::var_os("STATE_DIRECTORY") {
         // systemd may list several, separated by colons: the first is ours.
         Some(s) if !s.is_empty() => {

@@ -119,7 +119,7 @@ fn spool_dir(settings: &Settings) -> std::path::PathBuf {
         .apply
         .spool_dir
         .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("pgcarve-{}", settings.slot)))
+        .unwrap_or_else(|| crate::config::default_spool_dir(&settings.slot))
 }
 
 async fn run_inner(

@@ -195,7 +195,7 @@ pub fn channel(capacity: usize, spool: Option<SpoolSettings>) -> (QueueTx, Queue
 }
 
 /// How much of the memory bound a message takes.
-pub fn weight(msg: &ApplyMsg, capacity: u32) -> u32 {
+fn weight(msg: &ApplyMsg, capacity: u32) -> u32 {
     let n = match msg {
         ApplyMsg::Chunk { changes, .. } => changes.len(),
         ApplyMsg::Barrier(_) | ApplyMsg::Halt(_) => 1,

@@ -151,16 +151,6 @@ impl SpoolWriter {
             offset: 0,
         })
     }
-
-    /// Empties the spool (every reader must have read all of it).
-    pub fn reset(&mut self) -> io::Result<()> {
-        self.file.flush()?;
-        let file = self.file.get_mut();
-        file.set_len(0)?;
-        file.seek(SeekFrom::Start(0))?;
-        self.end = 0;
-        Ok(())
-    }
 }
 
 impl Drop for SpoolWriter {
@@ -259,9 +249,6 @@ mod tests {
         assert_eq!(r.next_message().unwrap().unwrap().len(), 10);
         assert_eq!(r.next_message().unwrap().unwrap().len(), 2);
         assert_eq!(r.next_message().unwrap(), None);
-        // Emptied, it takes messages again.
-        w.reset().unwrap();
-        assert_eq!(w.append(&[3; 16], false).unwrap(), 20);
     }
 
     #[test]

@@ -297,27 +297,13 @@ impl Reader {
                 .target_stuck_seconds
                 .with_label_values(&[&l.name])
                 .set(stuck.as_secs_f64());
-            self.metrics
-                .spool_bytes
-                .with_label_values(&[&l.name])
-                .set(i64::try_from(l.tx.spooled_bytes()).unwrap_or(i64::MAX));
-            // (Also detached by an unreadable spool, which the apply side finds.)
-            self.metrics
-                .target_detached
-                .with_label_values(&[&l.name])
-                .set(i64::from(l.tx.is_detached()));
             if stuck >= hung {
                 not_progressing.push(l.name.clone());
             }
             overall = overall.max(lag);
         }
         self.health.set_not_progressing(not_progressing);
-        self.health.set_spools(
-            self.links
-                .iter()
-                .map(|l| (l.name.clone(), l.tx.spooled_bytes(), l.tx.is_detached()))
-                .collect(),
-        );
+        self.publish_queues();
         if let Some(open) = &self.open {
             if open.sending() {
                 overall = overall.max(seconds_since(open.xact.commit_time, now));

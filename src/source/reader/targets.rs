@@ -14,6 +14,25 @@ use crate::lsn::Lsn;
 use crate::source::conn::ReplicationConn;
 
 impl Reader {
+    /// Each target's spool and detachment, in the metrics and `/health` (a target is also
+    /// detached by a spool the apply side cannot read back: the queue is the one truth).
+    pub(super) fn publish_queues(&self) {
+        let mut spools = Vec::with_capacity(self.links.len());
+        for l in &self.links {
+            let (bytes, detached) = (l.tx.spooled_bytes(), l.tx.is_detached());
+            let label = [l.name.as_str()];
+            let m = &self.metrics;
+            m.spool_bytes
+                .with_label_values(&label)
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            m.target_detached
+                .with_label_values(&label)
+                .set(i64::from(detached));
+            spools.push((l.name.clone(), bytes, detached));
+        }
+        self.health.set_spools(spools);
+    }
+
     /// How long a stream restart waits for a target's answer to its barrier: long enough for
     /// a healthy target to commit what it holds, short enough that a hung one costs the others
     /// little.
@@ -53,11 +72,8 @@ impl Reader {
         self.update_confirmed();
         for (l, c) in self.links.iter_mut().zip(committed) {
             l.pos.reset(c);
-            self.metrics
-                .target_detached
-                .with_label_values(&[&l.name])
-                .set(0);
         }
+        self.publish_queues();
         self.open = None;
         self.idle_wal_end = None;
         // The stream restarts from the confirmed position: everything after it will be read
@@ -101,10 +117,7 @@ impl Reader {
                         committed = %l.status.borrow().committed,
                         "target detached: {reason}; the slot keeps what it lacks, and it rejoins by one stream restart once it has applied what it holds"
                     );
-                    self.metrics
-                        .target_detached
-                        .with_label_values(&[&l.name])
-                        .set(1);
+                    self.publish_queues();
                     return Ok(());
                 }
                 Push::Closed => return Err(ReaderError::TargetGone(self.links[i].name.clone())),
