@@ -712,27 +712,19 @@ async fn truncate_and_identity_changes_under_deferrable_foreign_keys() {
     .await
     .unwrap();
     env.wait_equal("svc", "child").await;
-    // An identity value changed after a row of the same table queued its check.
-    src.batch_execute(
-        "BEGIN;
-         INSERT INTO child (parent_id) VALUES (3);
-         UPDATE child SET id = DEFAULT WHERE parent_id = 2;
-         COMMIT;",
-    )
-    .await
-    .unwrap();
-    env.wait_equal("svc", "child").await;
-    // The same with an initially deferred key: its queued check holds, and runs before the
-    // identity override's ALTER.
-    src.batch_execute(
-        "BEGIN;
-         INSERT INTO late_child (parent_id) VALUES (1);
-         UPDATE late_child SET id = DEFAULT WHERE parent_id = 1;
-         COMMIT;",
-    )
-    .await
-    .unwrap();
-    env.wait_equal("svc", "late_child").await;
+    // An identity value changed after a row of the same table queued its check; the same with
+    // an initially deferred key (its queued check holds, and runs before the identity ALTER).
+    for (table, inserted, updated) in [("child", 3, 2), ("late_child", 1, 1)] {
+        src.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {table} (parent_id) VALUES ({inserted});
+             UPDATE {table} SET id = DEFAULT WHERE parent_id = {updated};
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+        env.wait_equal("svc", table).await;
+    }
     // Initially deferred: one transaction queues a check, the next truncates the table; both
     // land in one target transaction when they wait in the queue together.
     daemon.stop().await;
