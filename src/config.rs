@@ -27,6 +27,9 @@ pub struct Config {
     /// HTTP endpoint for /metrics and /health.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The initial copy.
+    #[serde(default)]
+    pub copy: CopyConfig,
 }
 
 /// `[source]`.
@@ -133,6 +136,51 @@ impl Default for ApplyConfig {
     }
 }
 
+/// `[copy]`: the initial copy of the routed tables (see the `copy` module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// Copy each routed table's existing rows before streaming its changes. Off: the targets
+    /// get only what commits after the slot is created (their tables must already hold the
+    /// rest).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Chunks copied at once (each: one source and one connection per owning target).
+    #[serde(default = "default_copy_parallel")]
+    pub parallel: usize,
+    /// A table estimated to hold more rows than this is read in block ranges of about this
+    /// many rows each, in parallel.
+    #[serde(default = "default_copy_chunk_rows")]
+    pub chunk_rows: u64,
+    /// Run `schema` before the first copy: create the tables a target lacks (their secondary
+    /// indexes and foreign keys once the data is in).
+    #[serde(default)]
+    pub create_schema: bool,
+}
+
+impl Default for CopyConfig {
+    fn default() -> Self {
+        CopyConfig {
+            enabled: true,
+            parallel: default_copy_parallel(),
+            chunk_rows: default_copy_chunk_rows(),
+            create_schema: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+/// Four: copying waits mostly on the two servers, and four streams keep both busy on small
+/// machines without crowding the monolith.
+fn default_copy_parallel() -> usize {
+    4
+}
+fn default_copy_chunk_rows() -> u64 {
+    500_000
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,6 +277,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Interval of the routed tables' catalog check.
     pub catalog_check: std::time::Duration,
+    /// The initial copy.
+    pub copy: CopyConfig,
 }
 
 impl Config {
@@ -389,6 +439,18 @@ impl Config {
             problems
                 .push("apply.retry_initial_secs must be > 0 and <= apply.retry_max_secs".into());
         }
+        if !(1..=64).contains(&self.copy.parallel) {
+            problems.push(format!(
+                "copy.parallel = {}: must be between 1 and 64",
+                self.copy.parallel
+            ));
+        }
+        if self.copy.chunk_rows < 1000 {
+            problems.push(format!(
+                "copy.chunk_rows = {}: must be at least 1000",
+                self.copy.chunk_rows
+            ));
+        }
         let check = self.source.catalog_check_secs;
         if !(check > 0.0 && check <= 3600.0) {
             problems.push(format!(
@@ -426,6 +488,7 @@ impl Config {
                 },
                 metrics_listen,
                 catalog_check: std::time::Duration::from_secs_f64(check.clamp(0.001, 3600.0)),
+                copy: self.copy.clone(),
             }),
             _ => Err(ConfigError(problems)),
         }

@@ -15,6 +15,8 @@ use crate::lsn::Lsn;
 pub enum Phase {
     /// Checking the databases and preparing the targets.
     Starting,
+    /// Copying the routed tables' existing rows (the `copy` module).
+    Copying,
     /// The replication stream has been up at least once; streaming or reconnecting.
     Streaming,
     /// Shutting down.
@@ -26,6 +28,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
+            Phase::Copying => "copying",
             Phase::Streaming => "streaming",
             Phase::Stopping => "stopping",
         }
@@ -50,6 +53,8 @@ struct State {
     not_progressing: Vec<String>,
     /// Per target: bytes waiting in its spool, and whether it is detached.
     spools: Vec<(String, u64, bool)>,
+    /// The initial copy's per-table progress (empty list when nothing was copied).
+    copy: serde_json::Value,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -69,6 +74,7 @@ impl Default for Health {
             problems: Vec::new(),
             not_progressing: Vec::new(),
             spools: Vec::new(),
+            copy: json!([]),
         })))
     }
 }
@@ -113,9 +119,20 @@ impl Health {
         f(&mut s);
     }
 
-    /// Sets the phase.
+    /// Sets the phase. While copying, the replication stream is not expected to be up (the
+    /// copy's own source connections fail the copy when the source goes away).
     pub fn set_phase(&self, phase: Phase) {
-        self.with(|s| s.phase = phase);
+        self.with(|s| {
+            if phase == Phase::Copying {
+                s.source_down_since = None;
+            }
+            s.phase = phase;
+        });
+    }
+
+    /// Records the initial copy's per-table progress.
+    pub fn set_copy(&self, copy: serde_json::Value) {
+        self.with(|s| s.copy = copy);
     }
 
     /// Records a condition that stops the daemon.
@@ -225,6 +242,7 @@ impl Health {
             "fatal": s.fatal,
             "problems": s.problems,
             "targets": targets,
+            "copy": s.copy,
         });
         (if status == "failed" { 503 } else { 200 }, body)
     }

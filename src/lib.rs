@@ -14,6 +14,8 @@
 //!        │
 //!  daemon                   run: startup (inspect → plan → act), slot decision, the tasks
 //!        │
+//!  copy                     the initial copy under a snapshot with a known position
+//!        │
 //!  source        apply      the reader (replication stream → routed chunks) and one apply task
 //!        │         │        per target; they never import each other, only `link`
 //!  config, route, link, health, http, localpg
@@ -34,6 +36,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
+pub mod copy;
 pub mod daemon;
 pub mod demo;
 pub mod health;

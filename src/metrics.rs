@@ -37,6 +37,12 @@ pub const TARGET_STUCK_SECONDS: &str = "migration_target_stuck_seconds";
 pub const SPOOL_BYTES: &str = "migration_spool_bytes";
 /// 1 while a target is detached (its spool overflowed): it rejoins by one stream restart.
 pub const TARGET_DETACHED: &str = "migration_target_detached";
+/// Rows the initial copy has read of a table (written to each owner that needs it).
+pub const COPY_ROWS: &str = "migration_copy_rows";
+/// The source's estimate of a table's rows (`pg_class.reltuples`) when its copy began.
+pub const COPY_ROWS_ESTIMATE: &str = "migration_copy_rows_estimate";
+/// 1 once a table's initial copy committed on every owner that needed it.
+pub const COPY_DONE: &str = "migration_copy_done";
 /// 1 while monolith DDL on a routed table needs an operator, by table and problem.
 pub const DDL_PROBLEM: &str = "migration_ddl_problem";
 /// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
@@ -81,6 +87,12 @@ pub struct Metrics {
     pub target_detached: IntGaugeVec,
     /// See [`TABLE_RENAMED`].
     pub table_renamed: IntGaugeVec,
+    /// See [`COPY_ROWS`].
+    pub copy_rows: IntGaugeVec,
+    /// See [`COPY_ROWS_ESTIMATE`].
+    pub copy_rows_estimate: IntGaugeVec,
+    /// See [`COPY_DONE`].
+    pub copy_done: IntGaugeVec,
 }
 
 impl Metrics {
@@ -197,6 +209,23 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(target_detached.clone()));
+        let copy_gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["table"]).unwrap();
+            reg(Box::new(g.clone()));
+            g
+        };
+        let copy_rows = copy_gauge(
+            COPY_ROWS,
+            "Rows the initial copy has read of the table (written to each owner that needs it).",
+        );
+        let copy_rows_estimate = copy_gauge(
+            COPY_ROWS_ESTIMATE,
+            "The source's estimate of the table's rows (pg_class.reltuples) when its copy began.",
+        );
+        let copy_done = copy_gauge(
+            COPY_DONE,
+            "1 once the table's initial copy committed on every owner that needed it.",
+        );
         reg(Box::new(ddl_problem.clone()));
         reg(Box::new(table_renamed.clone()));
         reg(Box::new(lag_seconds.clone()));
@@ -230,6 +259,9 @@ impl Metrics {
             ddl_problem,
             table_renamed,
             target_stuck_seconds,
+            copy_rows,
+            copy_rows_estimate,
+            copy_done,
         }
     }
 

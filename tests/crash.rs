@@ -2,44 +2,17 @@
 //! instants (including during start-up and mid-transaction) while the monolith keeps writing;
 //! after the last restart every target equals the source exactly.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::Env;
+use crate::common::{kill9, spawn_daemon, Env};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, qty int NOT NULL, label text);
 CREATE TABLE events (kind text, n int);
 ALTER TABLE events REPLICA IDENTITY FULL;
 ";
-
-fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_pgcarve"))
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .env("PGCARVE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn pgcarve")
-}
-
-fn kill9(child: &mut Child) {
-    // SAFETY: kill on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
-    }
-    let _ = child.wait();
-}
 
 /// One workload transaction: a mix of inserts, updates, deletes, duplicate rows in a table
 /// without a key, and now and then a bigger multi-row transaction.

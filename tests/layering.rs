@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],
+    &["copy"],
     &["daemon"],
     &["demo", "cli", "main", "lib"],
 ];

@@ -2,6 +2,7 @@
 
 mod auth_tls;
 mod common;
+mod copy;
 mod crash;
 mod ddl;
 mod failure;

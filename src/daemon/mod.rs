@@ -128,7 +128,7 @@ async fn run_inner(
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    let Some(started) = startup::start(settings, metrics, shutdown).await? else {
+    let Some(started) = startup::start(settings, metrics, health, shutdown).await? else {
         return Ok(()); // shutdown while waiting for a database
     };
     let mut links = Vec::new();
@@ -144,6 +144,7 @@ async fn run_inner(
             spool_dir.display()
         )])),
     }
+    let mut copied_at = started.copied_at.into_iter();
     for t in started.targets {
         cancellers.push((t.name.clone(), t.worker.canceller()));
         let spool = crate::link::queue::SpoolSettings {
@@ -156,7 +157,10 @@ async fn run_inner(
         let committed = t.worker.committed();
         tracing::info!(target_name = %t.name, committed = %committed, "target ready");
         tasks.push(t.worker.spawn(rx));
-        links.push(TargetLink::new(t.name, tx, t.status, committed));
+        links.push(
+            TargetLink::new(t.name, tx, t.status, committed)
+                .with_copied_at(copied_at.next().unwrap_or_default()),
+        );
     }
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
     // unpublished, or with a replica identity that no longer publishes its changes).

@@ -53,7 +53,7 @@ pub fn decide_slot(
         return SlotDecision::Refuse(vec![format!(
             "replication slot {slot} does not exist on the source, but targets {} hold progress from it: \
              the changes since then are gone, and streaming from a new slot would leave a gap. \
-             Resynchronise those targets (empty their tables and delete their rows from pgcarve.progress), then start again",
+             Resynchronise those targets (empty their tables and delete their rows from pgcarve.progress and pgcarve.copy_table), then start again",
             holding.join(", ")
         )]);
     };

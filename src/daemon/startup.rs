@@ -15,6 +15,7 @@
 //! found then refuses start-up after other targets' progress tables exist, never after the slot
 //! or the publication changed.)
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
@@ -26,12 +27,16 @@ use crate::apply::prepare::{connect_and_inspect, problems, Inspected};
 use crate::apply::progress::ProgressKey;
 use crate::apply::{StartError, Worker};
 use crate::config::{Settings, Target};
+use crate::copy::plan::{CopyPlan, TargetInput};
+use crate::copy::state::TargetCopy;
+use crate::health::{Health, Phase};
 use crate::link::{TargetState, TargetStatus};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pg::safe_pg_error;
 use crate::route::Router;
 use crate::source::catalog::{self, SourceCatalog};
+use crate::table::TableName;
 use crate::tls::TlsConnector;
 
 /// A target ready to run: its apply task and the receiver of its status.
@@ -56,6 +61,9 @@ pub struct Started {
     pub targets: Vec<ReadyTarget>,
     /// Woken by any target whose status changes.
     pub wake: Arc<Notify>,
+    /// Per target (configuration order): tables whose copy is consistent with a snapshot
+    /// position; the stream skips, for each, what committed before it.
+    pub copied_at: Vec<HashMap<TableName, Lsn>>,
 }
 
 fn startup(problems: Vec<String>) -> DaemonError {
@@ -66,6 +74,7 @@ fn startup(problems: Vec<String>) -> DaemonError {
 pub async fn start(
     settings: &Settings,
     metrics: &Metrics,
+    health: &Health,
     shutdown: &CancellationToken,
 ) -> Result<Option<Started>, DaemonError> {
     let tls =
@@ -117,6 +126,27 @@ pub async fn start(
         return Err(startup(found));
     }
 
+    // What each target holds of the copy, and what this start copies.
+    let mut copies = Vec::with_capacity(settings.targets.len());
+    for t in &settings.targets {
+        let Some(c) = read_copy_state(t, key(settings, &source, t), shutdown).await else {
+            return Ok(None);
+        };
+        copies.push(c);
+    }
+    let inputs: Vec<TargetInput<'_>> = settings
+        .targets
+        .iter()
+        .zip(&inspected)
+        .zip(&copies)
+        .map(|((t, i), c)| TargetInput {
+            name: &t.name,
+            has_progress: i.facts.progress.is_some(),
+            copy: c,
+        })
+        .collect();
+    let mut copy_plan = crate::copy::plan::plan(settings.copy.enabled, &inputs).map_err(startup)?;
+
     // Inspect and plan the publication and the slot.
     let publication = catalog::inspect_publication(&client, &settings.publication)
         .await
@@ -127,11 +157,21 @@ pub async fn start(
     let slot = catalog::slot_info(&client, &settings.slot)
         .await
         .map_err(|e| startup(vec![format!("source: read slot: {}", safe_pg_error(&e))]))?;
+    // A target holds history from the slot once it streamed or copied under it.
     let holding: Vec<(String, Lsn)> = settings
         .targets
         .iter()
         .zip(&inspected)
-        .filter_map(|(t, i)| i.facts.progress.map(|lsn| (t.name.clone(), lsn)))
+        .zip(&copies)
+        .filter_map(|((t, i), c)| {
+            let copied = c
+                .tables
+                .iter()
+                .filter(|tc| tc.state.is_some())
+                .filter_map(|tc| tc.lsn)
+                .max();
+            i.facts.progress.or(copied).map(|lsn| (t.name.clone(), lsn))
+        })
         .collect();
     let decision = decide_slot(
         &settings.slot,
@@ -180,12 +220,41 @@ pub async fn start(
     catalog::act_publication(&client, &settings.publication, &tables, &publication_plan)
         .await
         .map_err(|e| startup(vec![e]))?;
+    for (i, t) in settings.targets.iter().enumerate() {
+        record_copy_state(t, key(settings, &source, t), &copy_plan, i)
+            .await
+            .map_err(|e| startup(vec![e]))?;
+    }
     let confirmed = match resume_at {
-        Some(lsn) => lsn,
-        None => create_slot(&settings.source, &tls, &settings.slot)
+        Some(lsn) if !copy_plan.copies() => lsn,
+        None if !copy_plan.copies() => create_slot(&settings.source, &tls, &settings.slot)
             .await
             .map_err(|e| startup(vec![e]))?,
+        resume => {
+            // A first start copies under the new slot's own snapshot; a later one under a
+            // temporary slot's, and the stream skips what that copy holds (`crate::copy`).
+            let Some(at) = copy_tables(
+                settings,
+                &tls,
+                &source.system_id,
+                resume,
+                &mut copy_plan,
+                metrics,
+                health,
+                shutdown,
+            )
+            .await?
+            else {
+                return Ok(None);
+            };
+            at
+        }
     };
+    for t in &settings.targets {
+        mark_streaming(t, key(settings, &source, t))
+            .await
+            .map_err(|e| startup(vec![e]))?;
+    }
     drop(client);
     let mut router = Router::new(&settings.targets);
     router.set_oids(&source.oids);
@@ -195,7 +264,166 @@ pub async fn start(
         confirmed,
         targets,
         wake,
+        copied_at: copy_plan.copied_at,
     }))
+}
+
+/// Reads a target's copy state (retrying while it is unreachable). `None`: shutdown.
+async fn read_copy_state(
+    t: &Target,
+    key: ProgressKey,
+    shutdown: &CancellationToken,
+) -> Option<TargetCopy> {
+    with_retry(
+        &format!("read copy state of target {}", t.name),
+        shutdown,
+        || async {
+            let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
+            let client = crate::pg::connect(&t.conn, &tls)
+                .await
+                .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+            crate::copy::state::read(&client, &key, &t.tables)
+                .await
+                .map_err(|e| format!("target {}: read copy state: {}", t.name, safe_pg_error(&e)))
+        },
+    )
+    .await
+}
+
+async fn target_client(t: &Target) -> Result<tokio_postgres::Client, String> {
+    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
+    crate::pg::connect(&t.conn, &tls)
+        .await
+        .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))
+}
+
+/// Creates the copy state tables on a target and records what the plan settled without a
+/// copy: tables taken as they are, copies whose every chunk had committed.
+async fn record_copy_state(
+    t: &Target,
+    key: ProgressKey,
+    plan: &CopyPlan,
+    i: usize,
+) -> Result<(), String> {
+    let client = target_client(t).await?;
+    let err = |what: &str, e: tokio_postgres::Error| {
+        format!("target {}: {what}: {}", t.name, safe_pg_error(&e))
+    };
+    client
+        .batch_execute(crate::copy::state::CREATE_SQL)
+        .await
+        .map_err(|e| err("create pgcarve.copy_table", e))?;
+    for table in &plan.take[i] {
+        client
+            .execute(
+                crate::copy::state::TAKEN_SQL,
+                &[&key.system_id, &key.slot, &key.target, &table.to_string()],
+            )
+            .await
+            .map_err(|e| err("record copy state", e))?;
+    }
+    for table in &plan.finish[i] {
+        client
+            .execute(
+                crate::copy::state::COPIED_SQL,
+                &[&key.system_id, &key.slot, &key.target, &table.to_string()],
+            )
+            .await
+            .map_err(|e| err("record copy state", e))?;
+    }
+    Ok(())
+}
+
+/// Marks a target's copied tables streaming: the stream takes them from here.
+async fn mark_streaming(t: &Target, key: ProgressKey) -> Result<(), String> {
+    let client = target_client(t).await?;
+    client
+        .execute(
+            crate::copy::state::STREAMING_SQL,
+            &[&key.system_id, &key.slot, &key.target],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "target {}: record copy state: {}",
+                t.name,
+                safe_pg_error(&e)
+            )
+        })?;
+    Ok(())
+}
+
+/// Copies the plan's tables under a snapshot with a known position: the main slot's, created
+/// now (`resume` is `None`), or a temporary slot's. Returns where the stream starts (the new
+/// slot's consistent point, or `resume`); `None`: shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn copy_tables(
+    settings: &Settings,
+    tls: &TlsConnector,
+    system_id: &str,
+    resume: Option<Lsn>,
+    plan: &mut CopyPlan,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Option<Lsn>, DaemonError> {
+    let mut conn = crate::source::conn::ReplicationConn::connect(&settings.source, tls)
+        .await
+        .map_err(|e| startup(vec![format!("source replication connection: {e}")]))?;
+    let (slot, temporary) = match resume {
+        None => (settings.slot.clone(), false),
+        Some(_) => (
+            format!(
+                "{}_copy_{}",
+                &settings.slot[..settings.slot.len().min(40)],
+                std::process::id()
+            ),
+            true,
+        ),
+    };
+    let (lsn, snapshot) = conn
+        .create_logical_slot_exporting(&slot, temporary)
+        .await
+        .map_err(|e| startup(vec![format!("create slot {slot}: {e}")]))?;
+    tracing::info!(slot, temporary, consistent_point = %lsn, tables = plan.jobs.len(), "copying the routed tables under the slot's snapshot");
+    health.set_phase(Phase::Copying);
+    let progress = crate::copy::progress::CopyProgress::default();
+    let reporter = tokio::spawn(crate::copy::report(
+        progress.clone(),
+        metrics.clone(),
+        health.clone(),
+    ));
+    let run = crate::copy::CopyRun {
+        settings,
+        tls,
+        system_id,
+        snapshot: &snapshot,
+        lsn,
+        progress: &progress,
+        shutdown,
+        ahead_of_stream: resume.is_some(),
+    };
+    let result = crate::copy::run(&run, plan).await;
+    reporter.abort();
+    progress.publish(metrics, health);
+    // The snapshot is no longer needed; a temporary slot goes with its connection.
+    conn.close().await;
+    health.set_phase(Phase::Starting);
+    match result {
+        Ok(()) => {}
+        Err(_) if shutdown.is_cancelled() => return Ok(None),
+        Err(reason) => {
+            tracing::error!("initial copy failed: {reason}");
+            return Err(startup(vec![format!("initial copy: {reason}")]));
+        }
+    }
+    for job in &plan.jobs {
+        for o in &job.owners {
+            plan.copied_at[o.target].insert(job.table.clone(), lsn);
+        }
+    }
+    tracing::info!(tables = plan.jobs.len(), consistent_point = %lsn, "initial copy done");
+    Ok(Some(resume.unwrap_or(lsn)))
 }
 
 /// The progress row key of target `t`.

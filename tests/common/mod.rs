@@ -333,3 +333,31 @@ impl Env {
         .await;
     }
 }
+
+/// Runs `pgcarve --config CONFIG run` as a child process, its log appended to `log`.
+pub fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgcarve"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("PGCARVE_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pgcarve")
+}
+
+/// SIGKILL, then reap.
+pub fn kill9(child: &mut std::process::Child) {
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}

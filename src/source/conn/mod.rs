@@ -455,6 +455,39 @@ impl ReplicationConn {
         Ok(lsn)
     }
 
+    /// Creates a logical slot for pgoutput that exports a snapshot (`TEMPORARY`: dropped when
+    /// this connection ends); returns its consistent point and the snapshot's name. The
+    /// snapshot shows exactly the transactions that committed before the consistent point, and
+    /// stays importable (`SET TRANSACTION SNAPSHOT`) until this connection runs another command
+    /// or closes (PostgreSQL docs, "Streaming Replication Protocol", `CREATE_REPLICATION_SLOT`).
+    pub async fn create_logical_slot_exporting(
+        &mut self,
+        slot: &str,
+        temporary: bool,
+    ) -> Result<(Lsn, String), ConnError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" }
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ConnError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let lsn = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                ConnError::Protocol("CREATE_REPLICATION_SLOT: no consistent point".into())
+            })?;
+        let snapshot = row.get(2).cloned().flatten().ok_or_else(|| {
+            ConnError::Protocol("CREATE_REPLICATION_SLOT: no snapshot name".into())
+        })?;
+        Ok((lsn, snapshot))
+    }
+
     /// Sends `START_REPLICATION SLOT … LOGICAL start (options)` and waits for CopyBothResponse.
     /// `start` = `Lsn::ZERO` means "from the slot's confirmed position".
     pub async fn start_replication(

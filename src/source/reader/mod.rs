@@ -25,7 +25,7 @@ pub mod feedback;
 mod targets;
 pub mod txn;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,9 @@ pub struct TargetLink {
     pos: Position,
     /// A stream restart was made for its need (see `needs_restream`).
     restart_asked: bool,
+    /// Tables whose copy on this target is consistent with a snapshot position: their changes
+    /// in transactions that committed before it are in the copy already (the `copy` module).
+    copied_at: HashMap<TableName, Lsn>,
 }
 
 impl TargetLink {
@@ -103,7 +106,20 @@ impl TargetLink {
             status,
             pos: Position::new(committed),
             restart_asked: false,
+            copied_at: HashMap::new(),
         }
+    }
+
+    /// Sets the tables whose copy holds every transaction that committed before a position.
+    pub fn with_copied_at(mut self, copied_at: HashMap<TableName, Lsn>) -> TargetLink {
+        self.copied_at = copied_at;
+        self
+    }
+
+    /// The copy of `table` on this target already holds the transaction whose commit record
+    /// is at `final_lsn`.
+    fn in_copy(&self, table: &TableName, final_lsn: Lsn) -> bool {
+        !self.copied_at.is_empty() && self.copied_at.get(table).is_some_and(|&at| final_lsn < at)
     }
 }
 
@@ -488,7 +504,15 @@ impl Reader {
             Message::Truncate(t) => {
                 let parts = truncate_parts(&t, &self.relations, self.links.len())
                     .map_err(ReaderError::Stream)?;
-                for (i, change) in parts {
+                let final_lsn = self.open.as_ref().map_or(Lsn::ZERO, |o| o.xact.final_lsn);
+                for (i, mut change) in parts {
+                    // A table whose copy holds this transaction is not truncated again.
+                    if let Change::Truncate { rels, .. } = &mut change {
+                        rels.retain(|r| !self.links[i].in_copy(&r.table, final_lsn));
+                        if rels.is_empty() {
+                            continue;
+                        }
+                    }
                     self.push(conn, i, change).await?;
                 }
             }
@@ -516,7 +540,21 @@ impl Reader {
     async fn add(&mut self, conn: &mut ReplicationConn, change: Change) -> Result<(), ReaderError> {
         // Our own Arc, so its target list can be read while `self` is borrowed mutably.
         let rel = change.relation().expect("a row change").clone();
-        let Some((last, rest)) = rel.targets.split_last() else {
+        let final_lsn = self.open.as_ref().map_or(Lsn::ZERO, |o| o.xact.final_lsn);
+        // Owners whose copy of the table holds this transaction already do not get it again.
+        let owners: Vec<usize>;
+        let targets = if self.links.iter().all(|l| l.copied_at.is_empty()) {
+            &rel.targets[..]
+        } else {
+            owners = rel
+                .targets
+                .iter()
+                .copied()
+                .filter(|&i| !self.links[i].in_copy(&rel.table, final_lsn))
+                .collect();
+            &owners[..]
+        };
+        let Some((last, rest)) = targets.split_last() else {
             return Ok(());
         };
         for &i in rest {

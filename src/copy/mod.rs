@@ -1,0 +1,802 @@
+//! The initial copy: every routed table's existing rows, read under a snapshot whose position
+//! in the source's history is known, written to each owning target, and the stream joined at
+//! exactly that position — no gap, no overlap.
+//!
+//! # Why there is no gap and no overlap
+//!
+//! Creating a logical slot with `EXPORT_SNAPSHOT` returns its consistent point `C` and a
+//! snapshot that sees exactly the transactions whose commit record lies before `C`; the slot
+//! decodes exactly the transactions that commit from `C` on (PostgreSQL docs, "Logical Decoding
+//! Concepts: Exported Snapshots", and `CREATE_REPLICATION_SLOT` in "Streaming Replication
+//! Protocol"). PostgreSQL's own table synchronisation rests on the same fact. So:
+//!
+//! - **First start.** The main slot is created with a snapshot; every table is copied under it
+//!   (every copying connection imports it with `SET TRANSACTION SNAPSHOT`), then streaming
+//!   starts at `C`. A transaction is either before `C` (in the copy, never streamed) or after
+//!   (streamed, not in the copy).
+//! - **A copy that must be done again later** (a stop or crash mid-copy: the exported snapshot
+//!   died with the connection that exported it; or a table added to a target's `tables`): a
+//!   temporary slot is created with a snapshot at `C2` (after everything the main slot still
+//!   holds), the table is copied under it, and its state records `C2`. The stream, which
+//!   restarts from the main slot's confirmed position `M ≤ C2`, skips for this table on this
+//!   target every transaction whose commit record lies before `C2` (`final_lsn < C2`, decided
+//!   in the reader like the per-target progress rule): those are in the copy; the rest are not.
+//! - **Atomic state.** Each chunk's rows commit in one target transaction together with the row
+//!   that says the chunk is done (`state`), so after any crash the chunk's rows are there
+//!   exactly when its row is. A table is `copied` once every chunk of its plan is done under one
+//!   snapshot position.
+//!
+//! # Chunks
+//!
+//! A large table is read in ranges of blocks (`ctid`, one TID range scan each), in parallel, all
+//! under the same snapshot: within one snapshot every row version has one place, so the ranges
+//! partition the table exactly. Across snapshots they do not (an UPDATE moves a row to another
+//! block), so chunks finished under one snapshot cannot be combined with chunks read under
+//! another: a table whose copy stopped halfway is emptied and copied again as a whole under the
+//! new snapshot, while tables that finished are never copied again. (Key ranges would let
+//! finished chunks survive, at the price of an index scan per range and of per-row skip
+//! decisions in the stream for keys that move between ranges; not done yet.)
+//!
+//! A partitioned table is read one leaf partition per chunk and written to the routed (root)
+//! table. A table that references itself is read in one chunk (its foreign key is checked at
+//! the end of the one COPY). Tables that other tables of the same target reference are
+//! committed first, so the targets' foreign keys hold at every commit.
+//!
+//! # Fast
+//!
+//! `COPY … TO STDOUT` on the source streams into `COPY … FROM STDIN` on every owner that needs
+//! the table (read once), message by message, never a whole table in memory: binary where every
+//! column has the same built-in type (or enum) on both sides, text otherwise (binary arrays and
+//! composites carry type OIDs, which differ between clusters).
+
+pub mod plan;
+pub mod progress;
+pub mod rows;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::progress::ProgressKey;
+use crate::config::Settings;
+use crate::lsn::Lsn;
+use crate::pg::{quote_ident, quote_literal, safe_pg_error};
+use crate::table::TableName;
+use crate::tls::TlsConnector;
+use plan::{CopyPlan, TableJob};
+use progress::CopyProgress;
+use rows::RowCounter;
+
+/// Session settings of every copying connection: values in text match on both sides (the
+/// same the stream uses), and no server timeout cuts a long copy.
+const SESSION_SQL: &str = "SET extra_float_digits = 3; SET DateStyle = 'ISO'; \
+    SET IntervalStyle = 'postgres'; SET lc_monetary = 'C'; SET statement_timeout = 0; \
+    SET idle_in_transaction_session_timeout = 0";
+
+/// Each column's type as values are compared and copied (a domain as its base type), and
+/// whether its binary form is the same on every cluster (built-in types and enums; arrays and
+/// composites of user types carry OIDs). Parameter: the table, quoted.
+const COLUMNS_SQL: &str = "WITH RECURSIVE col AS ( \
+        SELECT a.attnum, a.atttypid AS typ, a.atttypmod AS typmod, 0 AS depth \
+        FROM pg_attribute a \
+        WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+      UNION ALL \
+        SELECT col.attnum, t.typbasetype, t.typtypmod, col.depth + 1 \
+        FROM col JOIN pg_type t ON t.oid = col.typ WHERE t.typtype = 'd' \
+    ), base AS ( \
+        SELECT DISTINCT ON (attnum) attnum, typ, format_type(typ, typmod) AS cmp_type \
+        FROM col ORDER BY attnum, depth DESC \
+    ) \
+    SELECT a.attname::text, b.cmp_type, (b.typ < 16384 OR t.typtype = 'e') \
+    FROM pg_attribute a JOIN base b ON b.attnum = a.attnum JOIN pg_type t ON t.oid = b.typ \
+    WHERE a.attrelid = to_regclass($1) AND a.attgenerated = ''";
+
+/// A chunk of a table: how it is read on the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// The whole table.
+    Whole,
+    /// Blocks `from..to` (`None`: to the end).
+    Blocks(u64, Option<u64>),
+    /// One leaf partition of a partitioned table.
+    Leaf(TableName),
+}
+
+/// Splits a table of `pages` blocks and about `estimate` rows into block ranges of about
+/// `chunk_rows` rows (pure). The last range is open-ended: rows the size estimate missed are
+/// still read.
+pub fn block_chunks(pages: u64, estimate: u64, chunk_rows: u64) -> Vec<Chunk> {
+    let n = estimate.div_ceil(chunk_rows.max(1)).min(pages).max(1);
+    if n <= 1 {
+        return vec![Chunk::Whole];
+    }
+    (0..n)
+        .map(|i| {
+            let from = pages * i / n;
+            let to = (i + 1 < n).then(|| pages * (i + 1) / n);
+            Chunk::Blocks(from, to)
+        })
+        .collect()
+}
+
+/// Orders tables so that each comes after the tables it references on some target (pure):
+/// levels, each copied after the previous one committed. Tables in a reference cycle go last,
+/// together.
+pub fn levels(tables: &[TableName], refs: &HashSet<(TableName, TableName)>) -> Vec<Vec<TableName>> {
+    let mut left: Vec<TableName> = tables.to_vec();
+    let mut done: HashSet<TableName> = HashSet::new();
+    let mut out = Vec::new();
+    while !left.is_empty() {
+        let (ready, wait): (Vec<_>, Vec<_>) = left.iter().cloned().partition(|t| {
+            !refs.iter().any(|(child, parent)| {
+                child == t && parent != t && left.contains(parent) && !done.contains(parent)
+            })
+        });
+        if ready.is_empty() {
+            out.push(wait);
+            break;
+        }
+        done.extend(ready.iter().cloned());
+        out.push(ready);
+        left = wait;
+    }
+    out
+}
+
+/// What one table's copy needs, read on the source under the snapshot and on its owners.
+#[derive(Debug, Clone)]
+struct Prepared {
+    job: TableJob,
+    columns: Vec<String>,
+    binary: bool,
+    chunks: Vec<Chunk>,
+    estimate: u64,
+}
+
+/// One run of the copy: the snapshot, the settings, and where it reports.
+pub struct CopyRun<'a> {
+    /// Settings (source, targets, `[copy]`).
+    pub settings: &'a Settings,
+    /// TLS for the source.
+    pub tls: &'a TlsConnector,
+    /// The source's system identifier (the state's key).
+    pub system_id: &'a str,
+    /// The exported snapshot every copying connection imports.
+    pub snapshot: &'a str,
+    /// Its position: what the copies are consistent with.
+    pub lsn: Lsn,
+    /// Where progress goes.
+    pub progress: &'a CopyProgress,
+    /// Stops the copy between chunks (and cancels the running ones by dropping them).
+    pub shutdown: &'a CancellationToken,
+    /// The snapshot lies after where the stream starts (a resumed or added table): the
+    /// targets' other tables stand earlier in the source's history until the stream catches
+    /// up, so the copy's rows may reference rows the stream has not brought yet. Where the
+    /// target allows it, the copy then writes with `session_replication_role = replica` (as
+    /// PostgreSQL's own table synchronisation does): foreign keys are not checked for it.
+    pub ahead_of_stream: bool,
+}
+
+fn key(run: &CopyRun<'_>, target: usize) -> ProgressKey {
+    ProgressKey {
+        system_id: run.system_id.to_string(),
+        slot: run.settings.slot.clone(),
+        target: run.settings.targets[target].name.clone(),
+    }
+}
+
+async fn connect_target(run: &CopyRun<'_>, target: usize) -> Result<Client, String> {
+    let t = &run.settings.targets[target];
+    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
+    let client = crate::pg::connect(&t.conn, &tls)
+        .await
+        .map_err(|e| format!("target {}: connect: {}", t.name, safe_pg_error(&e)))?;
+    client
+        .batch_execute(SESSION_SQL)
+        .await
+        .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+    Ok(client)
+}
+
+/// A source connection inside a transaction that sees the exported snapshot.
+async fn snapshot_conn(run: &CopyRun<'_>) -> Result<Client, String> {
+    let client = crate::pg::connect(&run.settings.source, run.tls)
+        .await
+        .map_err(|e| format!("source: connect: {}", safe_pg_error(&e)))?;
+    client
+        .batch_execute(&format!(
+            "{SESSION_SQL}; BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(run.snapshot)
+        ))
+        .await
+        .map_err(|e| format!("source: import the copy snapshot: {}", safe_pg_error(&e)))?;
+    Ok(client)
+}
+
+/// Each column's (name, comparison type, binary-safe), generated columns left out.
+async fn column_types(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<(String, String, bool)>, tokio_postgres::Error> {
+    let rows = client.query(COLUMNS_SQL, &[&table.quoted()]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Foreign keys between tables of `tables` on one target: (referencing, referenced).
+async fn references(
+    client: &Client,
+    tables: &[TableName],
+) -> Result<HashSet<(TableName, TableName)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text \
+             FROM pg_constraint k \
+             JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace \
+             JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace \
+             WHERE k.contype = 'f'",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                },
+                TableName {
+                    schema: r.get(2),
+                    name: r.get(3),
+                },
+            )
+        })
+        .filter(|(a, b)| tables.contains(a) && tables.contains(b))
+        .collect())
+}
+
+/// Reads what the table's copy needs under the snapshot: columns, size, chunks.
+async fn prepare_table(
+    run: &CopyRun<'_>,
+    src: &Client,
+    job: &TableJob,
+    self_referencing: bool,
+) -> Result<Prepared, String> {
+    let t = &job.table;
+    let fail = |what: &str, e: tokio_postgres::Error| {
+        format!("source: table {t}: {what}: {}", safe_pg_error(&e))
+    };
+    let cols = column_types(src, t)
+        .await
+        .map_err(|e| fail("read columns", e))?;
+    let row = src
+        .query_one(
+            "SELECT c.relkind::text, greatest(c.reltuples, 0)::bigint, \
+                    (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint, c.reltuples < 0 \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&t.quoted()],
+        )
+        .await
+        .map_err(|e| fail("read size", e))?;
+    let relkind: String = row.get(0);
+    let mut estimate = row.get::<_, i64>(1).max(0) as u64;
+    let pages = row.get::<_, i64>(2).max(0) as u64;
+    let never_analyzed: bool = row.get(3);
+    let chunk_rows = run.settings.copy.chunk_rows;
+    let chunks = if relkind == "p" {
+        let leaves = src
+            .query(
+                "SELECT n.nspname::text, c.relname::text, greatest(c.reltuples, 0)::bigint \
+                 FROM pg_partition_tree(to_regclass($1)) p JOIN pg_class c ON c.oid = p.relid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.isleaf ORDER BY 1, 2",
+                &[&t.quoted()],
+            )
+            .await
+            .map_err(|e| fail("read partitions", e))?;
+        estimate = leaves
+            .iter()
+            .map(|r| r.get::<_, i64>(2).max(0) as u64)
+            .sum();
+        if leaves.is_empty() {
+            vec![Chunk::Whole]
+        } else {
+            leaves
+                .iter()
+                .map(|r| {
+                    Chunk::Leaf(TableName {
+                        schema: r.get(0),
+                        name: r.get(1),
+                    })
+                })
+                .collect()
+        }
+    } else if self_referencing {
+        vec![Chunk::Whole]
+    } else {
+        // Never analyzed: guess from the size (about 60 narrow rows per 8 kB block).
+        if never_analyzed {
+            estimate = pages * 60;
+        }
+        block_chunks(pages, estimate, chunk_rows)
+    };
+    // Binary only when every owner has every column with the same type, and the type's binary
+    // form carries no cluster-specific OID.
+    let mut binary = cols.iter().all(|(_, _, safe)| *safe);
+    for o in &job.owners {
+        let client = connect_target(run, o.target).await?;
+        let tcols = column_types(&client, t).await.map_err(|e| {
+            format!(
+                "target {}: table {t}: read columns: {}",
+                run.settings.targets[o.target].name,
+                safe_pg_error(&e)
+            )
+        })?;
+        let tmap: HashMap<&str, &str> = tcols
+            .iter()
+            .map(|(n, ty, _)| (n.as_str(), ty.as_str()))
+            .collect();
+        for (name, ty, _) in &cols {
+            match tmap.get(name.as_str()) {
+                Some(tty) if *tty == ty => {}
+                Some(_) => binary = false,
+                None => {
+                    return Err(format!(
+                        "target {}: table {t} has no column {name}: add it (pgcarve schema shows every difference)",
+                        run.settings.targets[o.target].name
+                    ))
+                }
+            }
+        }
+    }
+    Ok(Prepared {
+        job: job.clone(),
+        columns: cols.into_iter().map(|(n, _, _)| n).collect(),
+        binary,
+        chunks,
+        estimate,
+    })
+}
+
+/// The source statement of one chunk.
+fn copy_out_sql(p: &Prepared, chunk: &Chunk) -> String {
+    let cols = p
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let fmt = if p.binary { "binary" } else { "text" };
+    let t = p.job.table.quoted();
+    match chunk {
+        Chunk::Whole => format!("COPY (SELECT {cols} FROM ONLY {t}) TO STDOUT (FORMAT {fmt})"),
+        Chunk::Leaf(leaf) => format!(
+            "COPY (SELECT {cols} FROM ONLY {}) TO STDOUT (FORMAT {fmt})",
+            leaf.quoted()
+        ),
+        Chunk::Blocks(from, to) => {
+            let upper = to
+                .map(|to| format!(" AND ctid < '({to},0)'::tid"))
+                .unwrap_or_default();
+            format!(
+                "COPY (SELECT {cols} FROM ONLY {t} WHERE ctid >= '({from},0)'::tid{upper}) TO STDOUT (FORMAT {fmt})"
+            )
+        }
+    }
+}
+
+/// The target statement of every chunk.
+fn copy_in_sql(p: &Prepared) -> String {
+    let cols = p
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let fmt = if p.binary { "binary" } else { "text" };
+    format!(
+        "COPY {} ({cols}) FROM STDIN (FORMAT {fmt})",
+        p.job.table.quoted()
+    )
+}
+
+/// Starts a table's copy on each owner: state `copying` at this snapshot, earlier chunks
+/// forgotten, and the table emptied when an unfinished copy of ours left rows in it.
+async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
+    for o in &p.job.owners {
+        let name = &run.settings.targets[o.target].name;
+        let k = key(run, o.target);
+        let t = p.job.table.to_string();
+        let err = |what: &str, e: tokio_postgres::Error| {
+            format!(
+                "target {name}: table {}: {what}: {}",
+                p.job.table,
+                safe_pg_error(&e)
+            )
+        };
+        let mut client = connect_target(run, o.target).await?;
+        let only = state::only_keyword(&client, &p.job.table)
+            .await
+            .map_err(|e| err("read catalog", e))?
+            .unwrap_or("ONLY ");
+        let tx = client.transaction().await.map_err(|e| err("begin", e))?;
+        let chunks = i32::try_from(p.chunks.len()).unwrap_or(i32::MAX);
+        let lsn = run.lsn.to_string();
+        tx.execute(
+            state::SET_STATE_SQL,
+            &[
+                &k.system_id,
+                &k.slot,
+                &k.target,
+                &t,
+                &"copying",
+                &Some(lsn),
+                &chunks,
+            ],
+        )
+        .await
+        .map_err(|e| err("record state", e))?;
+        tx.execute(
+            state::FORGET_CHUNKS_SQL,
+            &[&k.system_id, &k.slot, &k.target, &t],
+        )
+        .await
+        .map_err(|e| err("forget chunks", e))?;
+        if o.redo {
+            let q = p.job.table.quoted();
+            // TRUNCATE is refused for a table other tables reference; DELETE is not.
+            tx.batch_execute("SAVEPOINT empty")
+                .await
+                .map_err(|e| err("savepoint", e))?;
+            if tx
+                .batch_execute(&format!("TRUNCATE {only}{q}"))
+                .await
+                .is_err()
+            {
+                tx.batch_execute(&format!(
+                    "ROLLBACK TO SAVEPOINT empty; DELETE FROM {only}{q}"
+                ))
+                .await
+                .map_err(|e| err("empty the unfinished copy", e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| err("commit", e))?;
+    }
+    Ok(())
+}
+
+/// Copies one chunk to every owner: one source read, one target transaction per owner with
+/// the chunk's row. Returns the rows copied.
+async fn copy_chunk(
+    run: &CopyRun<'_>,
+    p: &Prepared,
+    index: usize,
+    rows: &AtomicU64,
+) -> Result<u64, String> {
+    let t = &p.job.table;
+    let chunk = &p.chunks[index];
+    let src = snapshot_conn(run).await?;
+    let mut owners = Vec::with_capacity(p.job.owners.len());
+    let in_sql = copy_in_sql(p);
+    for o in &p.job.owners {
+        let name = run.settings.targets[o.target].name.clone();
+        let client = connect_target(run, o.target).await?;
+        if run.ahead_of_stream {
+            set_replica_role(&client, &name).await;
+        }
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| format!("target {name}: begin: {}", safe_pg_error(&e)))?;
+        owners.push((o.target, name, client));
+    }
+    let stream = src
+        .copy_out(copy_out_sql(p, chunk).as_str())
+        .await
+        .map_err(|e| format!("source: table {t}: start COPY: {}", safe_pg_error(&e)))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut counter = RowCounter::new(p.binary);
+    let mut counted = 0u64;
+    // The targets' COPY starts with the first row: a chunk without rows runs no statement
+    // there (no statement trigger fires for nothing). Until then the few bytes read (the
+    // binary header) wait here.
+    let mut held: Vec<bytes::Bytes> = Vec::new();
+    let mut sinks = Vec::new();
+    while let Some(data) = stream
+        .try_next()
+        .await
+        .map_err(|e| format!("source: table {t}: COPY: {}", safe_pg_error(&e)))?
+    {
+        counter.feed(&data);
+        if sinks.is_empty() {
+            held.push(data);
+            if counter.rows() == 0 {
+                continue;
+            }
+            for (_, name, client) in &owners {
+                let sink = client
+                    .copy_in::<_, bytes::Bytes>(in_sql.as_str())
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "target {name}: table {t}: start COPY: {}",
+                            safe_pg_error(&e)
+                        )
+                    })?;
+                sinks.push(Box::pin(sink));
+            }
+        } else {
+            held.push(data);
+        }
+        for data in held.drain(..) {
+            for (sink, (_, name, _)) in sinks.iter_mut().zip(&owners) {
+                sink.feed(data.clone()).await.map_err(|e| {
+                    format!("target {name}: table {t}: COPY: {}", safe_pg_error(&e))
+                })?;
+            }
+        }
+        let now = counter.rows();
+        rows.fetch_add(now - counted, Ordering::Relaxed);
+        counted = now;
+    }
+    let mut copied = None;
+    for (mut sink, (_, name, _)) in sinks.into_iter().zip(&owners) {
+        let n = sink
+            .as_mut()
+            .finish()
+            .await
+            .map_err(|e| format!("target {name}: table {t}: COPY: {}", safe_pg_error(&e)))?;
+        copied = Some(n);
+    }
+    let n = copied.unwrap_or(counted);
+    rows.fetch_add(n.saturating_sub(counted), Ordering::Relaxed);
+    let lsn = run.lsn.to_string();
+    let chunk_no = i32::try_from(index).unwrap_or(i32::MAX);
+    let n_i64 = i64::try_from(n).unwrap_or(i64::MAX);
+    for (target, name, client) in &owners {
+        let k = key(run, *target);
+        client
+            .execute(
+                state::CHUNK_DONE_SQL,
+                &[
+                    &k.system_id,
+                    &k.slot,
+                    &k.target,
+                    &t.to_string(),
+                    &lsn,
+                    &chunk_no,
+                    &n_i64,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "target {name}: table {t}: record chunk: {}",
+                    safe_pg_error(&e)
+                )
+            })?;
+        client.batch_execute("COMMIT").await.map_err(|e| {
+            format!(
+                "target {name}: table {t}: commit chunk: {}",
+                safe_pg_error(&e)
+            )
+        })?;
+    }
+    Ok(n)
+}
+
+/// Asks for `session_replication_role = replica` (superusers only); without it foreign keys to
+/// tables the stream has not caught up may fail the copy, and the error says so.
+async fn set_replica_role(client: &Client, target: &str) {
+    if let Err(e) = client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        tracing::warn!(
+            target_name = %target,
+            "copying without session_replication_role = replica ({}): a foreign key to a table the stream has not caught up yet fails the copy",
+            safe_pg_error(&e)
+        );
+    }
+}
+
+/// Marks a table copied on each owner.
+async fn end_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
+    for o in &p.job.owners {
+        let name = &run.settings.targets[o.target].name;
+        let k = key(run, o.target);
+        let client = connect_target(run, o.target).await?;
+        client
+            .execute(
+                state::COPIED_SQL,
+                &[&k.system_id, &k.slot, &k.target, &p.job.table.to_string()],
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "target {name}: table {}: record copied: {}",
+                    p.job.table,
+                    safe_pg_error(&e)
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Records a failed copy on its owners (best effort: the reason is also returned).
+async fn record_failure(run: &CopyRun<'_>, p: &Prepared, reason: &str) {
+    for o in &p.job.owners {
+        let k = key(run, o.target);
+        if let Ok(client) = connect_target(run, o.target).await {
+            let _ = client
+                .execute(
+                    state::FAILED_SQL,
+                    &[
+                        &k.system_id,
+                        &k.slot,
+                        &k.target,
+                        &p.job.table.to_string(),
+                        &reason,
+                    ],
+                )
+                .await;
+        }
+    }
+}
+
+/// Copies every table of `plan` under the run's snapshot. Errors name the table, target and
+/// SQLSTATE, never a value.
+pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
+    // Which tables reference which, on each owner.
+    let mut refs = HashSet::new();
+    let mut per_target: HashMap<usize, Vec<TableName>> = HashMap::new();
+    for j in &plan.jobs {
+        for o in &j.owners {
+            per_target
+                .entry(o.target)
+                .or_default()
+                .push(j.table.clone());
+        }
+    }
+    for (target, tables) in &per_target {
+        let client = connect_target(run, *target).await?;
+        let r = references(&client, tables).await.map_err(|e| {
+            format!(
+                "target {}: read foreign keys: {}",
+                run.settings.targets[*target].name,
+                safe_pg_error(&e)
+            )
+        })?;
+        refs.extend(r);
+    }
+    let src = snapshot_conn(run).await?;
+    let mut prepared = HashMap::new();
+    for j in &plan.jobs {
+        let self_ref = refs.contains(&(j.table.clone(), j.table.clone()));
+        let p = prepare_table(run, &src, j, self_ref).await?;
+        let owners = j
+            .owners
+            .iter()
+            .map(|o| run.settings.targets[o.target].name.clone())
+            .collect();
+        let counter = run
+            .progress
+            .add(&j.table, owners, p.estimate, p.chunks.len() as u32);
+        prepared.insert(j.table.clone(), (p, counter));
+    }
+    drop(src);
+    let order: Vec<TableName> = plan.jobs.iter().map(|j| j.table.clone()).collect();
+    for mut level in levels(&order, &refs) {
+        // Small tables first: they finish early, and a stop keeps them.
+        level.sort_by_key(|t| prepared[t].0.estimate);
+        for t in &level {
+            begin_table(run, &prepared[t].0).await?;
+        }
+        let chunks: Vec<(TableName, usize)> = level
+            .iter()
+            .flat_map(|t| (0..prepared[t].0.chunks.len()).map(move |i| (t.clone(), i)))
+            .collect();
+        let prepared = &prepared;
+        let mut results = futures::stream::iter(chunks)
+            .map(|(t, i)| async move {
+                let (p, counter) = &prepared[&t];
+                run.progress.chunk_started(&t);
+                let r = tokio::select! {
+                    r = copy_chunk(run, p, i, counter) => r,
+                    _ = run.shutdown.cancelled() => Err("stopped during the copy (it resumes at the next start)".into()),
+                };
+                (t, r)
+            })
+            .buffer_unordered(run.settings.copy.parallel);
+        while let Some((t, r)) = results.next().await {
+            let (p, _) = &prepared[&t];
+            if let Err(reason) = r {
+                if !run.shutdown.is_cancelled() {
+                    record_failure(run, p, &reason).await;
+                }
+                return Err(reason);
+            }
+            if run.progress.chunk_done(&t) {
+                end_table(run, p).await?;
+                tracing::info!(table = %t, rows = p_rows(&prepared[&t].1), "copied");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn p_rows(counter: &Arc<AtomicU64>) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Reports progress every second (metrics, `/health`) and every 10 s (log) until dropped.
+pub async fn report(
+    progress: CopyProgress,
+    metrics: crate::metrics::Metrics,
+    health: crate::health::Health,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        progress.publish(&metrics, &health);
+        if n % 10 == 9 {
+            progress.log();
+        }
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_tables_are_one_chunk_and_large_ones_block_ranges_to_the_end() {
+        assert_eq!(block_chunks(0, 0, 1000), vec![Chunk::Whole]);
+        assert_eq!(block_chunks(10, 900, 1000), vec![Chunk::Whole]);
+        assert_eq!(
+            block_chunks(100, 2500, 1000),
+            vec![
+                Chunk::Blocks(0, Some(33)),
+                Chunk::Blocks(33, Some(66)),
+                Chunk::Blocks(66, None)
+            ]
+        );
+        // Never more chunks than blocks.
+        assert_eq!(block_chunks(2, 1_000_000, 1000).len(), 2);
+    }
+
+    #[test]
+    fn referenced_tables_come_first_and_cycles_last() {
+        let t = |s: &str| TableName::parse(s).unwrap();
+        let tables = [
+            t("consultations"),
+            t("patients"),
+            t("notes"),
+            t("a"),
+            t("b"),
+        ];
+        let refs: HashSet<_> = [
+            (t("consultations"), t("patients")),
+            (t("notes"), t("consultations")),
+            (t("patients"), t("patients")),
+            (t("a"), t("b")),
+            (t("b"), t("a")),
+        ]
+        .into();
+        let l = levels(&tables, &refs);
+        assert_eq!(l[0], vec![t("patients")]);
+        assert_eq!(l[1], vec![t("consultations")]);
+        assert_eq!(l[2], vec![t("notes")]);
+        assert_eq!(l[3], vec![t("a"), t("b")]);
+    }
+}

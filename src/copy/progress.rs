@@ -1,0 +1,218 @@
+//! Copy progress a person can watch: per table rows copied, the estimate (`pg_class.reltuples`),
+//! rows/s and the time left — in the log every 10 s, in the metrics and `/health` every second.
+//! Counts only; never a value.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::table::TableName;
+
+/// One table's copy.
+#[derive(Debug)]
+struct Entry {
+    table: TableName,
+    targets: Vec<String>,
+    estimate: u64,
+    rows: Arc<AtomicU64>,
+    chunks: u32,
+    chunks_done: u32,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+}
+
+/// Shared progress of one copy run.
+#[derive(Clone, Default)]
+pub struct CopyProgress(Arc<Mutex<Vec<Entry>>>);
+
+/// A snapshot of one table's progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableProgress {
+    /// The table.
+    pub table: TableName,
+    /// Its owners being copied to.
+    pub targets: Vec<String>,
+    /// Rows copied so far.
+    pub rows: u64,
+    /// Rows the source estimates.
+    pub estimate: u64,
+    /// Rows per second since it started.
+    pub rows_per_sec: f64,
+    /// Seconds left at that pace, once it has one.
+    pub eta_secs: Option<f64>,
+    /// `pending`, `copying` or `copied`.
+    pub state: &'static str,
+    /// Chunks planned and finished.
+    pub chunks: (u32, u32),
+}
+
+impl CopyProgress {
+    fn with<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Adds a table; returns the counter its chunks add their rows to.
+    pub fn add(
+        &self,
+        table: &TableName,
+        targets: Vec<String>,
+        estimate: u64,
+        chunks: u32,
+    ) -> Arc<AtomicU64> {
+        let rows = Arc::new(AtomicU64::new(0));
+        self.with(|v| {
+            v.push(Entry {
+                table: table.clone(),
+                targets,
+                estimate,
+                rows: rows.clone(),
+                chunks,
+                chunks_done: 0,
+                started: None,
+                finished: None,
+            })
+        });
+        rows
+    }
+
+    /// A chunk of `table` starts.
+    pub fn chunk_started(&self, table: &TableName) {
+        self.with(|v| {
+            if let Some(e) = v.iter_mut().find(|e| &e.table == table) {
+                e.started.get_or_insert_with(Instant::now);
+            }
+        });
+    }
+
+    /// A chunk of `table` finished; true when it was the last.
+    pub fn chunk_done(&self, table: &TableName) -> bool {
+        self.with(|v| {
+            let Some(e) = v.iter_mut().find(|e| &e.table == table) else {
+                return false;
+            };
+            e.chunks_done += 1;
+            if e.chunks_done >= e.chunks {
+                e.finished = Some(Instant::now());
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Every table's progress now.
+    pub fn snapshot(&self) -> Vec<TableProgress> {
+        let now = Instant::now();
+        self.with(|v| {
+            v.iter()
+                .map(|e| {
+                    let rows = e.rows.load(Ordering::Relaxed);
+                    let elapsed = e
+                        .started
+                        .map(|s| e.finished.unwrap_or(now).duration_since(s))
+                        .unwrap_or_default();
+                    let rate = if elapsed > Duration::from_millis(100) {
+                        rows as f64 / elapsed.as_secs_f64()
+                    } else {
+                        0.0
+                    };
+                    let state = match (e.started, e.finished) {
+                        (_, Some(_)) => "copied",
+                        (Some(_), None) => "copying",
+                        (None, None) => "pending",
+                    };
+                    let eta = (state == "copying" && rate > 0.0)
+                        .then(|| e.estimate.saturating_sub(rows) as f64 / rate);
+                    TableProgress {
+                        table: e.table.clone(),
+                        targets: e.targets.clone(),
+                        rows,
+                        estimate: e.estimate,
+                        rows_per_sec: rate,
+                        eta_secs: eta,
+                        state,
+                        chunks: (e.chunks, e.chunks_done),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Publishes the progress to the metrics and `/health`.
+    pub fn publish(&self, metrics: &Metrics, health: &Health) {
+        let snap = self.snapshot();
+        for p in &snap {
+            let label = [p.table.to_string()];
+            let label = [label[0].as_str()];
+            metrics
+                .copy_rows
+                .with_label_values(&label)
+                .set(i64::try_from(p.rows).unwrap_or(i64::MAX));
+            metrics
+                .copy_rows_estimate
+                .with_label_values(&label)
+                .set(i64::try_from(p.estimate).unwrap_or(i64::MAX));
+            metrics
+                .copy_done
+                .with_label_values(&label)
+                .set(i64::from(p.state == "copied"));
+        }
+        health.set_copy(json!(snap
+            .iter()
+            .map(|p| json!({
+                "table": p.table.to_string(),
+                "targets": p.targets,
+                "state": p.state,
+                "rows": p.rows,
+                "estimate": p.estimate,
+                "rows_per_sec": p.rows_per_sec.round(),
+                "eta_secs": p.eta_secs.map(f64::round),
+                "chunks": p.chunks.0,
+                "chunks_done": p.chunks.1,
+            }))
+            .collect::<Vec<_>>()));
+    }
+
+    /// Logs one line per table being copied.
+    pub fn log(&self) {
+        for p in self.snapshot().iter().filter(|p| p.state == "copying") {
+            tracing::info!(
+                table = %p.table,
+                rows = p.rows,
+                estimate = p.estimate,
+                rows_per_sec = p.rows_per_sec.round(),
+                eta_secs = p.eta_secs.map(f64::round),
+                chunks = p.chunks.0,
+                chunks_done = p.chunks.1,
+                "copying"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_rates_and_the_time_left() {
+        let p = CopyProgress::default();
+        let t = TableName::parse("patients").unwrap();
+        let rows = p.add(&t, vec!["patient".into()], 1000, 2);
+        assert_eq!(p.snapshot()[0].state, "pending");
+        p.chunk_started(&t);
+        rows.fetch_add(500, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(150));
+        let s = &p.snapshot()[0];
+        assert_eq!((s.state, s.rows), ("copying", 500));
+        assert!(s.rows_per_sec > 0.0 && s.eta_secs.unwrap() > 0.0);
+        assert!(!p.chunk_done(&t));
+        assert!(p.chunk_done(&t));
+        let s = &p.snapshot()[0];
+        assert_eq!((s.state, s.eta_secs, s.chunks), ("copied", None, (2, 2)));
+    }
+}

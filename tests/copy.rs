@@ -1,0 +1,295 @@
+//! The initial copy on real clusters: a monolith that already holds rows and keeps taking
+//! writes during the copy; kill -9 at several points of a copy; a table added later.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{kill9, metric, spawn_daemon, start_daemon, wait_until, Env};
+
+const SCHEMA: &str = "
+CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL, born date, notes text);
+CREATE TABLE allergies (id bigint PRIMARY KEY, patient_id bigint NOT NULL REFERENCES patients, what text);
+CREATE TABLE events (kind text, n int);
+ALTER TABLE events REPLICA IDENTITY FULL;
+CREATE TABLE readings (id bigint, taken date NOT NULL, v numeric, PRIMARY KEY (id, taken)) PARTITION BY RANGE (taken);
+CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE readings_2025 PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+";
+
+const SEED: &str = "
+INSERT INTO patients SELECT g, 'zqname' || g, date '1950-01-01' + g % 20000,
+    CASE WHEN g % 500 = 0 THEN repeat('zqtoast', 5000) END FROM generate_series(1, 20000) g;
+INSERT INTO allergies SELECT g, g, 'zqpollen' FROM generate_series(1, 20000, 2) g;
+INSERT INTO events SELECT 'zqseed', g % 10 FROM generate_series(1, 3000) g;
+INSERT INTO readings SELECT g, date '2024-06-01' + (g % 300), g / 7.0 FROM generate_series(1, 4000) g;
+ANALYZE;
+";
+
+/// One workload transaction touching every table, FK order kept.
+async fn step(c: &tokio_postgres::Client, i: i64) -> Result<(), tokio_postgres::Error> {
+    let id = 1_000_000 + i;
+    c.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO patients VALUES ({id}, 'zqnew', NULL, NULL);
+         INSERT INTO allergies VALUES ({id}, {id}, 'zqdust');
+         UPDATE patients SET name = 'zqupd' || {i} WHERE id = {u};
+         DELETE FROM allergies WHERE patient_id = {d}; DELETE FROM patients WHERE id = {d};
+         INSERT INTO events VALUES ('zqwl', {m});
+         DELETE FROM events WHERE ctid = (SELECT ctid FROM events WHERE kind = 'zqseed' AND n = {m} LIMIT 1);
+         INSERT INTO readings VALUES ({id}, date '2025-02-01' + ({i} % 200), {i});
+         UPDATE readings SET v = v + 1 WHERE id = {u};
+         COMMIT;",
+        u = 1 + (i * 37) % 20000,
+        d = 2 + (i * 2) % 19998,
+        m = i % 10
+    ))
+    .await
+}
+
+/// Runs the workload until `stop`; returns the steps done.
+fn workload(env: &Env, stop: Arc<AtomicBool>, from: i64) -> tokio::task::JoinHandle<i64> {
+    let url = crate::common::clusters().source.url(&env.source_db);
+    tokio::spawn(async move {
+        let c = crate::common::connect(&url).await;
+        let mut i = from;
+        while !stop.load(Ordering::Relaxed) {
+            step(&c, i).await.expect("workload transaction");
+            i += 1;
+        }
+        i - from
+    })
+}
+
+async fn all_equal(env: &Env) {
+    for (t, tables) in [
+        (
+            "clinic",
+            &["patients", "allergies", "events", "readings"][..],
+        ),
+        ("billing", &["patients"][..]),
+    ] {
+        for table in tables {
+            env.wait_equal(t, table).await;
+        }
+    }
+}
+
+fn targets() -> [(&'static str, &'static [&'static str]); 2] {
+    [
+        ("clinic", &["patients", "allergies", "events", "readings"]),
+        ("billing", &["patients"]),
+    ]
+}
+
+async fn copy_state(env: &Env, target: &str, table: &str) -> Option<(String, String, i32)> {
+    env.target(target)
+        .await
+        .query_opt(
+            "SELECT state, coalesce(lsn::text, ''), coalesce(chunks, 0) FROM pgcarve.copy_table WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_under_writes_leaves_every_target_equal_and_streams_on() {
+    let env = Env::new(SCHEMA, &targets()).await;
+    env.source().await.batch_execute(SEED).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 0);
+    // Small chunks: the 20,000 patients are read as block ranges, in parallel.
+    let config = format!(
+        "{}\n[copy]\nchunk_rows = 2000\nparallel = 3\n",
+        env.config()
+    );
+    let daemon = start_daemon(&config);
+    env.wait_slot().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        writes.await.unwrap() > 5,
+        "the workload ran during the copy"
+    );
+    all_equal(&env).await;
+
+    let (state, _, chunks) = copy_state(&env, "clinic", "public.patients").await.unwrap();
+    assert_eq!(state, "streaming");
+    assert!(chunks > 1, "patients copied in {chunks} chunk(s)");
+    let (_, _, leaves) = copy_state(&env, "clinic", "public.readings").await.unwrap();
+    assert_eq!(leaves, 2, "a partitioned table is read leaf by leaf");
+    let copied = metric(
+        &daemon,
+        "migration_copy_rows",
+        &[("table", "public.patients")],
+    );
+    assert!(copied >= 19_000.0, "copied {copied} patients");
+    assert_eq!(metric(&daemon, "migration_copy_done", &[]), 4.0);
+    let (_, health) = daemon.obs.health.report();
+    assert_eq!(health["copy"].as_array().unwrap().len(), 4, "{health}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_table_holding_rows_pgcarve_did_not_copy_is_refused() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY, v text);",
+        &[("svc", &["notes"])],
+    )
+    .await;
+    env.target("svc")
+        .await
+        .batch_execute("INSERT INTO notes VALUES (1, 'zqmine')")
+        .await
+        .unwrap();
+    let err = env.start_error().await;
+    assert!(
+        err.contains("table public.notes already holds rows that pgcarve did not copy"),
+        "{err}"
+    );
+    assert!(!err.contains("zq"));
+    // Nothing was created on the source.
+    let slots: i64 = env
+        .source()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+}
+
+/// Finished chunks of `table` on `target` (0 while the copy state does not exist).
+async fn chunks_done(env: &Env, target: &str, table: &str) -> i64 {
+    env.target(target)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pgcarve.copy_chunk WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_copy_loses_and_duplicates_nothing_and_keeps_finished_tables() {
+    let env = Env::new(SCHEMA, &targets()).await;
+    let src = env.source().await;
+    src.batch_execute(SEED).await.unwrap();
+    // A bigger patients table: many chunks, so a kill lands mid-table.
+    src.batch_execute(
+        "INSERT INTO patients SELECT g, 'zqmore', NULL, NULL FROM generate_series(20001, 300000) g; ANALYZE patients;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[copy]\nchunk_rows = 10000\nparallel = 2\n",
+            env.config()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 0);
+
+    // 1: before the first chunk.
+    let mut child = spawn_daemon(&config, &log);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    kill9(&mut child);
+    // 2: mid-table, once a few chunks of patients committed.
+    child = spawn_daemon(&config, &log);
+    wait_until("chunks of patients", Duration::from_secs(60), || async {
+        chunks_done(&env, "clinic", "public.patients").await >= 3
+    })
+    .await;
+    kill9(&mut child);
+    // Tables copied by now are kept from here on.
+    let mut finished = Vec::new();
+    for t in ["public.events", "public.readings"] {
+        if let Some((state, lsn, _)) = copy_state(&env, "clinic", t).await {
+            if state == "copied" || state == "streaming" {
+                finished.push((t, lsn));
+            }
+        }
+    }
+    assert!(
+        !finished.is_empty(),
+        "small tables finish before the big one"
+    );
+    // 3: again mid-copy (the redone table, under a new snapshot).
+    child = spawn_daemon(&config, &log);
+    wait_until(
+        "chunks of patients again",
+        Duration::from_secs(60),
+        || async { chunks_done(&env, "clinic", "public.patients").await >= 2 },
+    )
+    .await;
+    kill9(&mut child);
+    // Then to the end.
+    child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writes.await.unwrap() > 5);
+    all_equal(&env).await;
+    for (t, lsn) in finished {
+        let (state, now, _) = copy_state(&env, "clinic", t).await.unwrap();
+        assert_eq!(
+            (state.as_str(), now),
+            ("streaming", lsn),
+            "{t} was copied again"
+        );
+    }
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("zq"), "log leaks values");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_later_is_copied_consistently_with_the_stream() {
+    let env = Env::new(SCHEMA, &[("clinic", &["patients"])]).await;
+    env.source().await.batch_execute(SEED).await.unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("clinic", "patients").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.stop().await;
+    // Writes while it is stopped: the slot holds them, some for the table added now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut env = env;
+    env.targets[0].tables = vec!["patients".into(), "allergies".into(), "events".into()];
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap();
+    for t in ["patients", "allergies", "events"] {
+        env.wait_equal("clinic", t).await;
+    }
+    let (state, _, _) = copy_state(&env, "clinic", "public.allergies")
+        .await
+        .unwrap();
+    assert_eq!(state, "streaming");
+    assert_eq!(
+        metric(&daemon, "migration_copy_done", &[]),
+        2.0,
+        "only the added tables were copied"
+    );
+    daemon.stop().await;
+}
