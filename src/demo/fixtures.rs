@@ -208,7 +208,7 @@ ALTER TABLE claims ADD FOREIGN KEY (consultation_id) REFERENCES consultations ON
 ALTER TABLE payments ADD FOREIGN KEY (claim_id) REFERENCES claims ON DELETE CASCADE;
 ";
 
-/// Reference data, written after the slot exists (pgcarve streams changes; it does not copy).
+/// Reference data, in the monolith before pgcarve starts (its initial copy carries it).
 pub(super) const SEED: &str = "
 INSERT INTO hospitals (name, city, beds)
     SELECT 'Hospital ' || to_char(i, 'FM00'), 'City ' || to_char(i, 'FM00'), 100 * i
@@ -222,6 +222,28 @@ INSERT INTO system_codes (code, code_system, display)
 INSERT INTO users (hospital_id, username, role)
     SELECT 1 + i % 3, 'user' || to_char(i, 'FM000'), CASE WHEN i % 4 = 0 THEN 'nurse' ELSE 'doctor' END
     FROM generate_series(1, 30) i;
+";
+
+/// The monolith's history before pgcarve starts: what the initial copy carries while the
+/// workload already writes.
+pub(super) const HISTORY: &str = "
+INSERT INTO patients (hospital_id, mrn, name, birth_date, notes)
+    SELECT 1 + i % 3, 'MRN-H-' || to_char(i, 'FM000000'), 'Patient H' || to_char(i, 'FM000000'),
+           DATE '1940-01-01' + (i * 7) % 30000, NULL
+    FROM generate_series(1, 20000) i;
+INSERT INTO consultations (patient_id, doctor_id, started_at, diagnosis_codes, summary)
+    SELECT 1 + i % 20000, 1 + i % 30, now() - make_interval(days => i % 1000),
+           ARRAY['DX' || to_char(1 + i % 20, 'FM000')], 'History ' || to_char(i, 'FM000000')
+    FROM generate_series(1, 60000) i;
+INSERT INTO prescriptions (consultation_id, drug, dose, refills)
+    SELECT i, 'Drug ' || chr(65 + i % 7), 2.5 * (1 + i % 4), i % 3 FROM generate_series(1, 60000, 2) i;
+INSERT INTO claims (patient_id, consultation_id, amount, status, updated_at)
+    SELECT 1 + i % 20000, i, 40 + i % 300, 'paid', now() - make_interval(days => i % 1000)
+    FROM generate_series(1, 60000, 3) i;
+INSERT INTO analytics_events (seq, occurred_at, event, patient_id, payload)
+    SELECT -i, now() - make_interval(mins => i), 'history', 1 + i % 20000, '{}'
+    FROM generate_series(1, 30000) i;
+ANALYZE;
 ";
 
 pub(super) const DRUGS: &[&str] = &[

@@ -24,7 +24,8 @@ use crate::daemon::{DaemonError, Observability};
 use crate::localpg::{Cluster, ClusterOptions};
 use compare::compare;
 use fixtures::{
-    config_text, monolith_schema, service_schema, MONOLITH, SEED, SERVICES, SESSIONS, SLOT, TABLES,
+    config_text, monolith_schema, service_schema, HISTORY, MONOLITH, SEED, SERVICES, SESSIONS,
+    SLOT, TABLES,
 };
 use workload::{session, Stats};
 
@@ -118,8 +119,13 @@ async fn with_cluster(
             .with_context(|| format!("create the schema of {}", svc.db))?;
     }
     drop(admin);
+    connect(&cluster.url(MONOLITH))
+        .await?
+        .batch_execute(&format!("BEGIN; {SEED} {HISTORY} COMMIT;"))
+        .await
+        .context("write the monolith's history")?;
     println!(
-        "monolith `{MONOLITH}`: {} tables; {} service databases",
+        "monolith `{MONOLITH}`: {} tables holding 160,000 rows; {} service databases",
         TABLES.len(),
         SERVICES.len()
     );
@@ -179,6 +185,7 @@ async fn with_daemon(
     // Wait for streaming.
     let care = connect(&cluster.url(MONOLITH)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_print = Instant::now();
     loop {
         let active = care
             .query_opt(crate::source::catalog::SLOT_STREAMING_SQL, &[&SLOT])
@@ -196,17 +203,18 @@ async fn with_daemon(
         if Instant::now() > deadline {
             bail!("the daemon did not start streaming within 60 s");
         }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            print_copy(obs);
+            last_print = Instant::now();
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    print_copy(obs);
     println!("slot {SLOT} active; running the workload for {seconds}s from {SESSIONS} sessions");
 
     // Workload and progress.
     let stats = Arc::new(Stats::default());
     let t0 = Instant::now();
-    care.batch_execute(&format!("BEGIN; {SEED} COMMIT;"))
-        .await
-        .context("seed reference data")?;
-    stats.committed.fetch_add(1, Ordering::Relaxed);
     let progress_stop = CancellationToken::new();
     let progress = tokio::spawn(progress_loop(
         t0,
@@ -336,6 +344,22 @@ async fn with_daemon(
 }
 
 /// Rows applied per target, summed over tables and operations.
+/// One line of copy progress, while the initial copy runs.
+fn print_copy(obs: &Observability) {
+    let (_, health) = obs.health.report();
+    let Some(tables) = health["copy"].as_array().filter(|t| !t.is_empty()) else {
+        return;
+    };
+    let sum = |k: &str| tables.iter().filter_map(|t| t[k].as_u64()).sum::<u64>();
+    let done = tables.iter().filter(|t| t["state"] == "copied").count();
+    println!(
+        "initial copy: {} of ~{} rows, {done}/{} tables copied",
+        sum("rows"),
+        sum("estimate"),
+        tables.len()
+    );
+}
+
 fn rows_by_target(obs: &Observability) -> BTreeMap<String, u64> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for mf in obs.metrics.rows_applied.collect() {
