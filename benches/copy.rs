@@ -254,8 +254,16 @@ fn main() {
     );
     println!(
         "{:<5} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}",
-        "scen", "rows", "pipe s", "native s", "carve s", "chunks s",
-        "c/pipe", "c/native", "ch/pipe", "ch/native"
+        "scen",
+        "rows",
+        "pipe s",
+        "native s",
+        "carve s",
+        "chunks s",
+        "c/pipe",
+        "c/native",
+        "ch/pipe",
+        "ch/native"
     );
     rt.block_on(async {
         for scenario in ["one", "ten"] {

@@ -38,6 +38,14 @@ pub enum LogFormat {
 pub enum Command {
     /// Stream the monolith's changes into the service databases until stopped (SIGINT/SIGTERM).
     Run,
+    /// Create each target's tables from the monolith's catalog (types, keys, indexes, foreign
+    /// keys within the target); report every difference of existing tables and change nothing
+    /// then. Exit 0: in place, 1: differences, 2: could not run.
+    Schema {
+        /// Only report what would be created.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Start a throwaway local PostgreSQL with a sample healthcare monolith and stream it live
     /// into service databases, showing progress; stops by itself (or on Ctrl-C).
     Demo {

@@ -14,7 +14,8 @@
 //!        │
 //!  daemon                   run: startup (inspect → plan → act), slot decision, the tasks
 //!        │
-//!  copy                     the initial copy under a snapshot with a known position
+//!  copy, schema             the initial copy under a snapshot with a known position; the
+//!                           targets' tables from the monolith's catalog
 //!        │
 //!  source        apply      the reader (replication stream → routed chunks) and one apply task
 //!        │         │        per target; they never import each other, only `link`
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod pg;
 pub mod pgoutput;
 pub mod route;
+pub mod schema;
 pub mod secret;
 pub mod source;
 pub mod table;

@@ -44,6 +44,9 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    if let Command::Schema { dry_run } = cli.command {
+        return schema(&cli.config, dry_run);
+    }
     let result = match cli.command {
         Command::Run => pgcarve::daemon::load_settings(&cli.config).and_then(|settings| {
             let threads = settings.apply.threads;
@@ -54,9 +57,40 @@ fn main() -> ExitCode {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
             runtime(threads).and_then(|rt| rt.block_on(pgcarve::demo::run(seconds, keep)))
         }
+        Command::Schema { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgcarve: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `pgcarve schema`: 0 in place (created or nothing to do), 1 differences, 2 could not run.
+fn schema(config: &std::path::Path, dry_run: bool) -> ExitCode {
+    let outcome = pgcarve::daemon::load_settings(config).and_then(|settings| {
+        runtime(1)?
+            .block_on(pgcarve::schema::run(
+                &settings,
+                if dry_run {
+                    pgcarve::schema::Mode::Report
+                } else {
+                    pgcarve::schema::Mode::Apply
+                },
+            ))
+            .map_err(anyhow::Error::msg)
+    });
+    match outcome {
+        Ok(o) => {
+            print!("{}", o.report());
+            if o.has_differences() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Err(e) => {
             eprintln!("pgcarve: {e:#}");
             ExitCode::from(2)

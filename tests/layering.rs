@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],
-    &["copy"],
+    &["copy", "schema"],
     &["daemon"],
     &["demo", "cli", "main", "lib"],
 ];

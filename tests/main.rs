@@ -10,5 +10,6 @@ mod isolation;
 mod layering;
 mod message_kinds;
 mod replication_conn;
+mod schema;
 mod streaming;
 mod values;

@@ -81,6 +81,28 @@ pub async fn start(
         TlsConnector::new(&settings.source).map_err(|e| startup(vec![format!("source: {e}")]))?;
     let tables = Router::new(&settings.targets).tables();
 
+    // `copy.create_schema`: the tables a target lacks, from the source's catalog (their
+    // secondary indexes and foreign keys once the copy is in). A difference refuses start-up.
+    if settings.copy.create_schema {
+        let outcome = crate::schema::run(settings, crate::schema::Mode::Deferred)
+            .await
+            .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
+        if outcome.has_differences() {
+            return Err(startup(
+                outcome
+                    .targets
+                    .into_iter()
+                    .flat_map(|(_, p)| p.differences)
+                    .collect(),
+            ));
+        }
+        for (name, p) in &outcome.targets {
+            for t in &p.created {
+                tracing::info!(target_name = %name, table = %t, "created the table from the source's catalog");
+            }
+        }
+    }
+
     // Inspect and plan the source.
     let Some(client) = with_retry("connect to source", shutdown, || async {
         crate::pg::connect(&settings.source, &tls)
@@ -250,6 +272,9 @@ pub async fn start(
             at
         }
     };
+    crate::schema::finish_pending(settings)
+        .await
+        .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
     for t in &settings.targets {
         mark_streaming(t, key(settings, &source, t))
             .await
