@@ -55,6 +55,8 @@ struct State {
     spools: Vec<(String, u64, bool)>,
     /// The initial copy's per-table progress (empty list when nothing was copied).
     copy: serde_json::Value,
+    /// A copy runs while streaming (its owners are held).
+    copying: bool,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -75,6 +77,7 @@ impl Default for Health {
             not_progressing: Vec::new(),
             spools: Vec::new(),
             copy: json!([]),
+            copying: false,
         })))
     }
 }
@@ -128,6 +131,11 @@ impl Health {
             }
             s.phase = phase;
         });
+    }
+
+    /// Records whether a copy runs while streaming (degraded meanwhile).
+    pub fn set_copying(&self, copying: bool) {
+        self.with(|s| s.copying = copying);
     }
 
     /// Records the initial copy's per-table progress.
@@ -195,7 +203,9 @@ impl Health {
             s.source_down_since.map(|t| t.elapsed()),
             s.fatal.is_some() || !s.problems.is_empty(),
             &states,
-            !s.not_progressing.is_empty() || s.spools.iter().any(|(_, _, detached)| *detached),
+            !s.not_progressing.is_empty()
+                || s.copying
+                || s.spools.iter().any(|(_, _, detached)| *detached),
         );
         let targets: serde_json::Map<String, serde_json::Value> = s
             .targets

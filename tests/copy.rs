@@ -261,8 +261,12 @@ async fn kill_9_during_the_copy_loses_and_duplicates_nothing_and_keeps_finished_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_added_later_is_copied_consistently_with_the_stream() {
-    let env = Env::new(SCHEMA, &[("clinic", &["patients"])]).await;
+async fn a_table_added_later_is_copied_consistently_while_the_other_targets_stream() {
+    let env = Env::new(
+        SCHEMA,
+        &[("clinic", &["patients"]), ("billing", &["patients"])],
+    )
+    .await;
     env.source().await.batch_execute(SEED).await.unwrap();
     let daemon = env.start().await;
     env.wait_equal("clinic", "patients").await;
@@ -270,18 +274,38 @@ async fn a_table_added_later_is_copied_consistently_with_the_stream() {
     let writes = workload(&env, stop.clone(), 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     daemon.stop().await;
-    // Writes while it is stopped: the slot holds them, some for the table added now.
+    // Writes while it is stopped: the slot holds them, some for the tables added now.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap();
     let mut env = env;
     env.targets[0].tables = vec!["patients".into(), "allergies".into(), "events".into()];
+    // The clinic's copy of allergies waits on a lock; billing must stream on meanwhile.
+    let mut locker = env.target("clinic").await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE allergies IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let daemon = start_daemon(&env.config());
     env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO patients VALUES (5000000, 'zqduring', NULL, NULL)")
+        .await
+        .unwrap();
+    env.wait_equal("billing", "patients").await;
+    let (_, health) = daemon.obs.health.report();
+    assert_eq!(health["status"], "degraded", "{health}");
+    lock.rollback().await.unwrap();
+    // More writes after the copy: the added tables stream on from their snapshot.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 10_000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     writes.await.unwrap();
     for t in ["patients", "allergies", "events"] {
         env.wait_equal("clinic", t).await;
     }
+    env.wait_equal("billing", "patients").await;
     let (state, _, _) = copy_state(&env, "clinic", "public.allergies")
         .await
         .unwrap();

@@ -65,8 +65,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::progress::ProgressKey;
 use crate::config::Settings;
+use crate::link::hold::CopyHold;
 use crate::lsn::Lsn;
 use crate::pg::{quote_ident, quote_literal, safe_pg_error};
+use crate::source::conn::ReplicationConn;
 use crate::table::TableName;
 use crate::tls::TlsConnector;
 use plan::{CopyPlan, TableJob};
@@ -175,12 +177,6 @@ pub struct CopyRun<'a> {
     pub progress: &'a CopyProgress,
     /// Stops the copy between chunks (and cancels the running ones by dropping them).
     pub shutdown: &'a CancellationToken,
-    /// The snapshot lies after where the stream starts (a resumed or added table): the
-    /// targets' other tables stand earlier in the source's history until the stream catches
-    /// up, so the copy's rows may reference rows the stream has not brought yet. Where the
-    /// target allows it, the copy then writes with `session_replication_role = replica` (as
-    /// PostgreSQL's own table synchronisation does): foreign keys are not checked for it.
-    pub ahead_of_stream: bool,
 }
 
 fn key(run: &CopyRun<'_>, target: usize) -> ProgressKey {
@@ -489,9 +485,6 @@ async fn copy_chunk(
     for o in &p.job.owners {
         let name = run.settings.targets[o.target].name.clone();
         let client = connect_target(run, o.target).await?;
-        if run.ahead_of_stream {
-            set_replica_role(&client, &name).await;
-        }
         client
             .batch_execute("BEGIN")
             .await
@@ -591,21 +584,6 @@ async fn copy_chunk(
         })?;
     }
     Ok(n)
-}
-
-/// Asks for `session_replication_role = replica` (superusers only); without it foreign keys to
-/// tables the stream has not caught up may fail the copy, and the error says so.
-async fn set_replica_role(client: &Client, target: &str) {
-    if let Err(e) = client
-        .batch_execute("SET session_replication_role = replica")
-        .await
-    {
-        tracing::warn!(
-            target_name = %target,
-            "copying without session_replication_role = replica ({}): a foreign key to a table the stream has not caught up yet fails the copy",
-            safe_pg_error(&e)
-        );
-    }
 }
 
 /// Marks a table copied on each owner.
@@ -735,6 +713,110 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
 
 fn p_rows(counter: &Arc<AtomicU64>) -> u64 {
     counter.load(Ordering::Relaxed)
+}
+
+/// Marks a target's copied tables streaming: the stream takes them from here.
+pub async fn mark_streaming(t: &crate::config::Target, key: &ProgressKey) -> Result<(), String> {
+    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
+    let client = crate::pg::connect(&t.conn, &tls)
+        .await
+        .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+    client
+        .execute(
+            state::STREAMING_SQL,
+            &[&key.system_id, &key.slot, &key.target],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "target {}: record copy state: {}",
+                t.name,
+                safe_pg_error(&e)
+            )
+        })?;
+    Ok(())
+}
+
+/// A copy that runs while the stream does (tables added to a target, or left unfinished by an
+/// earlier run): under a temporary slot's snapshot, into owners held at its position
+/// (`link::hold`).
+pub struct OnlineCopy {
+    /// The connection that created the temporary slot and keeps its snapshot alive.
+    pub conn: ReplicationConn,
+    /// The exported snapshot.
+    pub snapshot: String,
+    /// Its position.
+    pub lsn: Lsn,
+    /// The source's system identifier.
+    pub system_id: String,
+    /// What to copy.
+    pub plan: CopyPlan,
+    /// Per target: its hold, if it owns a table to copy.
+    pub holds: Vec<Option<CopyHold>>,
+}
+
+impl OnlineCopy {
+    /// Waits until every owner is drained at the snapshot's position, copies, marks the
+    /// tables streaming and releases the owners. `Ok` also when stopped first (the next start
+    /// copies again).
+    pub async fn run(
+        self,
+        settings: Settings,
+        tls: TlsConnector,
+        metrics: crate::metrics::Metrics,
+        health: crate::health::Health,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let OnlineCopy {
+            conn,
+            snapshot,
+            lsn,
+            system_id,
+            plan,
+            holds,
+        } = self;
+        health.set_copying(true);
+        for h in holds.iter().flatten() {
+            tokio::select! {
+                _ = h.drained() => {}
+                _ = shutdown.cancelled() => {
+                    conn.close().await;
+                    return Ok(());
+                }
+            }
+        }
+        tracing::info!(at = %lsn, tables = plan.jobs.len(), "owners hold everything before the snapshot; copying");
+        let progress = CopyProgress::default();
+        let reporter = tokio::spawn(report(progress.clone(), metrics.clone(), health.clone()));
+        let run = CopyRun {
+            settings: &settings,
+            tls: &tls,
+            system_id: &system_id,
+            snapshot: &snapshot,
+            lsn,
+            progress: &progress,
+            shutdown: &shutdown,
+        };
+        let result = self::run(&run, &plan).await;
+        reporter.abort();
+        progress.publish(&metrics, &health);
+        conn.close().await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        result?;
+        for (i, t) in settings.targets.iter().enumerate() {
+            if holds[i].is_some() {
+                mark_streaming(t, &key(&run, i)).await?;
+            }
+        }
+        for h in holds.iter().flatten() {
+            h.release();
+        }
+        health.set_copying(false);
+        tracing::info!(tables = plan.jobs.len(), at = %lsn, "copy done");
+        Ok(())
+    }
 }
 
 /// Reports progress every second (metrics, `/health`) and every 10 s (log) until dropped.

@@ -5,6 +5,7 @@ pub mod slot;
 pub mod startup;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -128,9 +129,16 @@ async fn run_inner(
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    let Some(started) = startup::start(settings, metrics, health, shutdown).await? else {
+    let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
         return Ok(()); // shutdown while waiting for a database
     };
+    // A copy while streaming: its owners are held at its snapshot's position.
+    let online = started.online.take();
+    let mut holds = online
+        .as_ref()
+        .map(|o| o.holds.clone())
+        .unwrap_or_default()
+        .into_iter();
     let mut links = Vec::new();
     let mut tasks = Vec::new();
     let mut cancellers = Vec::new();
@@ -159,7 +167,8 @@ async fn run_inner(
         tasks.push(t.worker.spawn(rx));
         links.push(
             TargetLink::new(t.name, tx, t.status, committed)
-                .with_copied_at(copied_at.next().unwrap_or_default()),
+                .with_copied_at(copied_at.next().unwrap_or_default())
+                .with_hold(holds.next().flatten()),
         );
     }
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
@@ -174,6 +183,26 @@ async fn run_inner(
         problems_tx,
         shutdown.clone(),
     ));
+    // A failed copy stops the daemon (its state says what failed; the next start copies again).
+    let copy_failed = Arc::new(std::sync::Mutex::new(None));
+    let copy_task = online.map(|o| {
+        let (failed, stop, health) = (copy_failed.clone(), shutdown.clone(), health.clone());
+        let job = o.run(
+            settings.clone(),
+            started.tls.clone(),
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(reason) = job.await {
+                tracing::error!("copy failed: {reason}");
+                health.set_fatal(format!("copy failed: {reason}"));
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                stop.cancel();
+            }
+        })
+    });
     let reader = Reader::new(
         settings.clone(),
         started.tls,
@@ -195,6 +224,9 @@ async fn run_inner(
         }
     };
     watch.abort();
+    if let Some(t) = copy_task {
+        let _ = tokio::time::timeout_at(deadline, t).await;
+    }
     health.set_phase(crate::health::Phase::Stopping);
     // The apply tasks end once the reader is gone: each rolls back what is open and makes what
     // it committed durable. One that does not (a dead connection) is dropped: the server rolls
@@ -206,6 +238,9 @@ async fn run_inner(
         }
     }
     tracing::info!("stopped");
+    if let Some(reason) = copy_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(DaemonError::Startup(vec![format!("copy: {reason}")]));
+    }
     match result {
         Ok(r) => r.map_err(DaemonError::from),
         Err(e) if e.is_cancelled() => Ok(()),

@@ -64,6 +64,8 @@ pub struct Started {
     /// Per target (configuration order): tables whose copy is consistent with a snapshot
     /// position; the stream skips, for each, what committed before it.
     pub copied_at: Vec<HashMap<TableName, Lsn>>,
+    /// A copy to run while streaming (tables added, or left unfinished by an earlier run).
+    pub online: Option<crate::copy::OnlineCopy>,
 }
 
 fn startup(problems: Vec<String>) -> DaemonError {
@@ -247,19 +249,18 @@ pub async fn start(
             .await
             .map_err(|e| startup(vec![e]))?;
     }
+    let mut online = None;
     let confirmed = match resume_at {
         Some(lsn) if !copy_plan.copies() => lsn,
         None if !copy_plan.copies() => create_slot(&settings.source, &tls, &settings.slot)
             .await
             .map_err(|e| startup(vec![e]))?,
-        resume => {
-            // A first start copies under the new slot's own snapshot; a later one under a
-            // temporary slot's, and the stream skips what that copy holds (`crate::copy`).
+        // A first start copies under the new slot's own snapshot, before streaming.
+        None => {
             let Some(at) = copy_tables(
                 settings,
                 &tls,
                 &source.system_id,
-                resume,
                 &mut copy_plan,
                 metrics,
                 health,
@@ -271,12 +272,19 @@ pub async fn start(
             };
             at
         }
+        // Later, under a temporary slot's snapshot, while the stream runs: the owners are held
+        // at its position (`link::hold`), the others stream on.
+        Some(lsn) => {
+            online =
+                Some(prepare_online_copy(settings, &tls, &source.system_id, &mut copy_plan).await?);
+            lsn
+        }
     };
     crate::schema::finish_pending(settings)
         .await
         .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
     for t in &settings.targets {
-        mark_streaming(t, key(settings, &source, t))
+        crate::copy::mark_streaming(t, &key(settings, &source, t))
             .await
             .map_err(|e| startup(vec![e]))?;
     }
@@ -290,6 +298,7 @@ pub async fn start(
         targets,
         wake,
         copied_at: copy_plan.copied_at,
+        online,
     }))
 }
 
@@ -359,34 +368,13 @@ async fn record_copy_state(
     Ok(())
 }
 
-/// Marks a target's copied tables streaming: the stream takes them from here.
-async fn mark_streaming(t: &Target, key: ProgressKey) -> Result<(), String> {
-    let client = target_client(t).await?;
-    client
-        .execute(
-            crate::copy::state::STREAMING_SQL,
-            &[&key.system_id, &key.slot, &key.target],
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "target {}: record copy state: {}",
-                t.name,
-                safe_pg_error(&e)
-            )
-        })?;
-    Ok(())
-}
-
-/// Copies the plan's tables under a snapshot with a known position: the main slot's, created
-/// now (`resume` is `None`), or a temporary slot's. Returns where the stream starts (the new
-/// slot's consistent point, or `resume`); `None`: shutdown.
-#[allow(clippy::too_many_arguments)]
+/// The first start: creates the main slot with an exported snapshot and copies the plan's
+/// tables under it before anything streams. Returns the slot's consistent point, where the
+/// stream starts; `None`: shutdown.
 async fn copy_tables(
     settings: &Settings,
     tls: &TlsConnector,
     system_id: &str,
-    resume: Option<Lsn>,
     plan: &mut CopyPlan,
     metrics: &Metrics,
     health: &Health,
@@ -395,22 +383,12 @@ async fn copy_tables(
     let mut conn = crate::source::conn::ReplicationConn::connect(&settings.source, tls)
         .await
         .map_err(|e| startup(vec![format!("source replication connection: {e}")]))?;
-    let (slot, temporary) = match resume {
-        None => (settings.slot.clone(), false),
-        Some(_) => (
-            format!(
-                "{}_copy_{}",
-                &settings.slot[..settings.slot.len().min(40)],
-                std::process::id()
-            ),
-            true,
-        ),
-    };
+    let slot = &settings.slot;
     let (lsn, snapshot) = conn
-        .create_logical_slot_exporting(&slot, temporary)
+        .create_logical_slot_exporting(slot, false)
         .await
         .map_err(|e| startup(vec![format!("create slot {slot}: {e}")]))?;
-    tracing::info!(slot, temporary, consistent_point = %lsn, tables = plan.jobs.len(), "copying the routed tables under the slot's snapshot");
+    tracing::info!(slot, consistent_point = %lsn, tables = plan.jobs.len(), "copying the routed tables under the slot's snapshot");
     health.set_phase(Phase::Copying);
     let progress = crate::copy::progress::CopyProgress::default();
     let reporter = tokio::spawn(crate::copy::report(
@@ -426,7 +404,6 @@ async fn copy_tables(
         lsn,
         progress: &progress,
         shutdown,
-        ahead_of_stream: resume.is_some(),
     };
     let result = crate::copy::run(&run, plan).await;
     reporter.abort();
@@ -448,7 +425,46 @@ async fn copy_tables(
         }
     }
     tracing::info!(tables = plan.jobs.len(), consistent_point = %lsn, "initial copy done");
-    Ok(Some(resume.unwrap_or(lsn)))
+    Ok(Some(lsn))
+}
+
+/// Creates a temporary slot with an exported snapshot for the tables to copy while streaming,
+/// and holds their owners at its position (the stream skips, for these tables, what committed
+/// before it).
+async fn prepare_online_copy(
+    settings: &Settings,
+    tls: &TlsConnector,
+    system_id: &str,
+    plan: &mut CopyPlan,
+) -> Result<crate::copy::OnlineCopy, DaemonError> {
+    let mut conn = crate::source::conn::ReplicationConn::connect(&settings.source, tls)
+        .await
+        .map_err(|e| startup(vec![format!("source replication connection: {e}")]))?;
+    let slot = format!(
+        "{}_copy_{}",
+        &settings.slot[..settings.slot.len().min(40)],
+        std::process::id()
+    );
+    let (lsn, snapshot) = conn
+        .create_logical_slot_exporting(&slot, true)
+        .await
+        .map_err(|e| startup(vec![format!("create slot {slot}: {e}")]))?;
+    let mut holds = vec![None; settings.targets.len()];
+    for job in &plan.jobs {
+        for o in &job.owners {
+            plan.copied_at[o.target].insert(job.table.clone(), lsn);
+            holds[o.target].get_or_insert_with(|| crate::link::hold::CopyHold::new(lsn));
+        }
+    }
+    tracing::info!(slot, at = %lsn, tables = plan.jobs.len(), "copying while streaming: the owners of these tables are held at the snapshot's position, the other targets stream on");
+    Ok(crate::copy::OnlineCopy {
+        conn,
+        snapshot,
+        lsn,
+        system_id: system_id.to_string(),
+        plan: plan.clone(),
+        holds,
+    })
 }
 
 /// The progress row key of target `t`.

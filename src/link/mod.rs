@@ -8,6 +8,9 @@
 //!     └──────────── TargetStatus (watch) ◄─────────────────┘
 //! ```
 //!
+//! [`hold::CopyHold`] holds a target at a copy's snapshot position while a table is copied
+//! into it.
+//!
 //! [`spool`] is the file a target's share of the stream goes to while it cannot take it live
 //! (its frames; `record`: what a frame holds; `queue` decides when to spool).
 //!
@@ -15,6 +18,7 @@
 //! without a target and an apply task without a replication stream.
 
 pub mod change;
+pub mod hold;
 pub mod queue;
 pub mod record;
 pub mod spool;

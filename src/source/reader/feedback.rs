@@ -50,6 +50,11 @@ impl Position {
         }
     }
 
+    /// End LSN of the last transaction dispatched (sent, or missed while stalled).
+    pub fn dispatched(&self) -> Lsn {
+        self.dispatched
+    }
+
     /// Transactions ending before this are on the target already.
     pub fn skip_below(&self) -> Lsn {
         self.skip_below

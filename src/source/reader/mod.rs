@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::health::Health;
+use crate::link::hold::CopyHold;
 use crate::link::queue::QueueTx;
 use crate::link::{Change, TargetStatus, XactInfo};
 use crate::lsn::Lsn;
@@ -90,6 +91,13 @@ pub struct TargetLink {
     /// Tables whose copy on this target is consistent with a snapshot position: their changes
     /// in transactions that committed before it are in the copy already (the `copy` module).
     copied_at: HashMap<TableName, Lsn>,
+    /// Held at a copy's snapshot position (see `link::hold`).
+    hold: Option<CopyHold>,
+    /// Once the stream passed the hold's position: the end LSN of the last transaction
+    /// dispatched before it (the target must commit up to there to be drained).
+    hold_reached: Option<Lsn>,
+    /// Released from a hold: it rejoins with one stream restart.
+    rejoin: bool,
 }
 
 impl TargetLink {
@@ -107,6 +115,24 @@ impl TargetLink {
             pos: Position::new(committed),
             restart_asked: false,
             copied_at: HashMap::new(),
+            hold: None,
+            hold_reached: None,
+            rejoin: false,
+        }
+    }
+
+    /// Holds the target at a copy's snapshot position until the copy releases it.
+    pub fn with_hold(mut self, hold: Option<CopyHold>) -> TargetLink {
+        self.hold = hold;
+        self
+    }
+
+    /// The stream has passed the hold's position `at` (a transaction committing at or after
+    /// it begins, or the server has sent everything before it): note what was dispatched.
+    fn pass_hold(&mut self, at_or_after: Lsn) {
+        if self.hold_reached.is_none() && self.hold.as_ref().is_some_and(|h| at_or_after >= h.at())
+        {
+            self.hold_reached = Some(self.pos.dispatched());
         }
     }
 
@@ -295,6 +321,39 @@ impl Reader {
         Ok(())
     }
 
+    /// Held targets: drained once they hold everything dispatched before the hold's position
+    /// (the server is asked for a keepalive while it has not said it passed it); released ones
+    /// rejoin with one stream restart.
+    async fn check_holds(&mut self, conn: &mut ReplicationConn) -> Result<(), ReaderError> {
+        let mut ask = false;
+        for l in &mut self.links {
+            let Some(h) = &l.hold else { continue };
+            if h.is_released() {
+                tracing::info!(target_name = %l.name, at = %h.at(), "copy done; the target rejoins the stream");
+                l.hold = None;
+                l.hold_reached = None;
+                l.rejoin = true;
+            } else if let Some(before) = l.hold_reached {
+                if l.status.borrow().committed >= before {
+                    h.set_drained();
+                }
+            } else {
+                ask = true;
+            }
+        }
+        if ask && self.open.is_none() {
+            let msg = protocol::encode_status_update(
+                self.received.max(self.confirmed),
+                self.confirmed,
+                self.confirmed,
+                protocol::pg_now(),
+                true,
+            );
+            conn.send_copy_data(&msg).await?;
+        }
+        Ok(())
+    }
+
     fn update_lag(&mut self) {
         let now = protocol::pg_now();
         let clock = Instant::now();
@@ -393,6 +452,7 @@ impl Reader {
                 }
                 // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
+                    self.check_holds(&mut conn).await?;
                     if self.needs_restream() {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
@@ -432,6 +492,10 @@ impl Reader {
                 self.received = self.received.max(wal_end);
                 if self.open.is_none() {
                     self.idle_wal_end = Some(wal_end);
+                    // Everything before `wal_end` has been sent.
+                    for l in &mut self.links {
+                        l.pass_hold(wal_end);
+                    }
                 }
                 self.send_status(conn, reply_requested).await?;
             }
@@ -450,10 +514,13 @@ impl Reader {
     async fn route(&mut self, conn: &mut ReplicationConn, msg: Message) -> Result<(), ReaderError> {
         match msg {
             Message::Begin(b) => {
-                let routes = self
-                    .links
-                    .iter()
-                    .map(|l| route_at_begin(Self::takes(l), b.final_lsn, l.pos.skip_below()));
+                for l in &mut self.links {
+                    l.pass_hold(b.final_lsn);
+                }
+                let routes = self.links.iter().map(|l| {
+                    let held = l.hold.as_ref().is_some_and(|h| h.holds(b.final_lsn));
+                    route_at_begin(Self::takes(l) && !held, b.final_lsn, l.pos.skip_below())
+                });
                 let xact = XactInfo {
                     final_lsn: b.final_lsn,
                     commit_time: b.commit_time,

@@ -172,6 +172,10 @@ impl Reader {
     pub(super) fn needs_restream(&mut self) -> bool {
         let mut needed = false;
         for l in &mut self.links {
+            if std::mem::take(&mut l.rejoin) {
+                needed = true;
+                continue;
+            }
             let wants = {
                 let status = l.status.borrow();
                 match status.state {
