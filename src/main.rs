@@ -19,9 +19,12 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCARVE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let floor = tracing_subscriber::filter::filter_fn(|m| passes_floor(m.target(), m.level()));
+    // Colours only for a person at a terminal: journald and files get plain lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(|| pgcarve::copy::progress::StderrAboveBars);
     match format {
         LogFormat::Human => builder.finish().with(floor).init(),
         LogFormat::Json => builder
@@ -49,6 +52,9 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run => pgcarve::daemon::load_settings(&cli.config).and_then(|settings| {
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                pgcarve::copy::progress::enable_terminal_display();
+            }
             let threads = settings.apply.threads;
             runtime(threads)?.block_on(pgcarve::daemon::run_until_signal(settings))
         }),

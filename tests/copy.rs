@@ -317,3 +317,79 @@ async fn a_table_added_later_is_copied_consistently_while_the_other_targets_stre
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_terminal_the_copy_draws_live_progress_bars() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let env = Env::new(SCHEMA, &targets()).await;
+    env.source().await.batch_execute(SEED).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, env.config()).unwrap();
+    // stderr on a pseudo-terminal, as a person running `pgcarve run` has it.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new file descriptors, which we own from here on.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+        )
+    };
+    let mut child = {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgcarve"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(slave));
+        cmd.spawn().expect("spawn pgcarve")
+    };
+    let screen = std::thread::spawn(move || {
+        let mut master = master;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).to_string()
+    });
+    env.wait_slot().await;
+    all_equal(&env).await;
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+    let screen = screen.join().unwrap();
+    for table in [
+        "public.patients",
+        "public.allergies",
+        "public.events",
+        "public.readings",
+    ] {
+        assert!(screen.contains(table), "no bar for {table}:\n{screen}");
+    }
+    assert!(screen.contains("rows copied"), "{screen}");
+    assert!(screen.contains("20,000/20,000"), "{screen}");
+    assert!(
+        screen.contains("\u{1b}["),
+        "drawn with terminal control sequences"
+    );
+    assert!(!screen.contains("zq"), "values on the screen");
+}

@@ -800,6 +800,7 @@ impl OnlineCopy {
         let result = self::run(&run, &plan).await;
         reporter.abort();
         progress.publish(&metrics, &health);
+        progress.draw();
         conn.close().await;
         if shutdown.is_cancelled() {
             return Ok(());
@@ -825,12 +826,15 @@ pub async fn report(
     metrics: crate::metrics::Metrics,
     health: crate::health::Health,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut n = 0u64;
     loop {
         tick.tick().await;
-        progress.publish(&metrics, &health);
-        if n % 10 == 9 {
+        progress.draw();
+        if n % 4 == 0 {
+            progress.publish(&metrics, &health);
+        }
+        if n % 40 == 39 {
             progress.log();
         }
         n += 1;

@@ -1,10 +1,41 @@
 //! Copy progress a person can watch: per table rows copied, the estimate (`pg_class.reltuples`),
-//! rows/s and the time left — in the log every 10 s, in the metrics and `/health` every second.
+//! rows/s and the time left — in the log every 10 s, in the metrics and `/health` every second,
+//! and, when pgcarve runs in a terminal, as live bars on stderr (log lines pass above them).
 //! Counts only; never a value.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The terminal's bars, once [`enable_terminal_display`] was called.
+static TERMINAL: OnceLock<MultiProgress> = OnceLock::new();
+
+/// Draws copy progress as bars on stderr from now on (call it when stderr is a terminal).
+pub fn enable_terminal_display() {
+    TERMINAL.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+}
+
+/// A writer for log lines: above the bars while they are drawn, plain stderr otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StderrAboveBars;
+
+impl Write for StderrAboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match TERMINAL.get() {
+            Some(mp) => mp.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 use serde_json::json;
 
@@ -27,7 +58,10 @@ struct Entry {
 
 /// Shared progress of one copy run.
 #[derive(Clone, Default)]
-pub struct CopyProgress(Arc<Mutex<Vec<Entry>>>);
+pub struct CopyProgress(
+    Arc<Mutex<Vec<Entry>>>,
+    Arc<Mutex<HashMap<TableName, ProgressBar>>>,
+);
 
 /// A snapshot of one table's progress.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,8 +211,53 @@ impl CopyProgress {
             .collect::<Vec<_>>()));
     }
 
-    /// Logs one line per table being copied.
+    /// Draws the terminal's bars (nothing when there is no terminal display).
+    pub fn draw(&self) {
+        let Some(mp) = TERMINAL.get() else { return };
+        let style = ProgressStyle::with_template(
+            "{prefix:>32} {bar:30} {human_pos:>11}/{human_len:<11} rows {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let mut bars = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        for p in self.snapshot() {
+            let bar = bars.entry(p.table.clone()).or_insert_with(|| {
+                let b = mp.add(ProgressBar::new(p.estimate.max(1)));
+                b.set_style(style.clone());
+                b.set_prefix(p.table.to_string());
+                b
+            });
+            if bar.is_finished() {
+                continue;
+            }
+            bar.set_length(p.estimate.max(p.rows).max(1));
+            bar.set_position(p.rows);
+            match (p.state, p.eta_secs) {
+                ("copied", _) => {
+                    bar.set_length(p.rows.max(1));
+                    bar.finish_with_message(if p.rows_per_sec >= 1.0 {
+                        format!("copied ({:.0} rows/s)", p.rows_per_sec)
+                    } else {
+                        "copied".to_string()
+                    });
+                }
+                ("copying", Some(eta)) => {
+                    bar.set_message(format!("{:.0} rows/s, {eta:.0} s left", p.rows_per_sec))
+                }
+                (state, _) => bar.set_message(state.to_string()),
+            }
+        }
+    }
+
+    /// Logs one line per table being copied (not while bars show it).
     pub fn log(&self) {
+        if TERMINAL.get().is_some() {
+            return;
+        }
+        self.log_lines();
+    }
+
+    /// Logs one line per table being copied.
+    fn log_lines(&self) {
         for p in self.snapshot().iter().filter(|p| p.state == "copying") {
             tracing::info!(
                 table = %p.table,

@@ -408,6 +408,7 @@ async fn copy_tables(
     let result = crate::copy::run(&run, plan).await;
     reporter.abort();
     progress.publish(metrics, health);
+    progress.draw();
     // The snapshot is no longer needed; a temporary slot goes with its connection.
     conn.close().await;
     health.set_phase(Phase::Starting);
