@@ -312,4 +312,14 @@ fn main() {
         }
     });
     println!("ratios are speed ratios (baseline seconds / pgcarve seconds): above 1 means pgcarve is faster");
+    // pgcarve ran in this process: its peak memory is (at most) this process's.
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("peak RSS of this process (pgcarve ran in it, beside the pipe's client): {peak}");
 }
