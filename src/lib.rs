@@ -21,7 +21,7 @@
 //!        │         │        per target; they never import each other, only `link`
 //!  config, route, link, health, http, localpg
 //!        │
-//!  lsn, backoff, secret, metrics, conninfo, tls, pg, table, pgoutput   (leaves)
+//!  lsn, backoff, secret, metrics, notify, conninfo, tls, pg, table, pgoutput   (leaves)
 //! ```
 //!
 //! The correctness arguments live in module docs: what may be confirmed to the slot
@@ -46,6 +46,7 @@ pub mod link;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;
+pub mod notify;
 pub mod pg;
 pub mod pgoutput;
 pub mod route;

@@ -9,7 +9,8 @@ use std::path::Path;
 /// as long as no circle forms.
 const LAYERS: &[&[&str]] = &[
     &[
-        "lsn", "backoff", "secret", "metrics", "conninfo", "tls", "pg", "table", "pgoutput",
+        "lsn", "backoff", "secret", "metrics", "notify", "conninfo", "tls", "pg", "table",
+        "pgoutput",
     ],
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],

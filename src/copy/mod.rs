@@ -801,6 +801,7 @@ impl OnlineCopy {
         reporter.abort();
         progress.publish(&metrics, &health);
         progress.draw();
+        crate::notify::status(&progress.summary());
         conn.close().await;
         if shutdown.is_cancelled() {
             return Ok(());
@@ -831,8 +832,10 @@ pub async fn report(
     loop {
         tick.tick().await;
         progress.draw();
+        crate::notify::watchdog();
         if n % 4 == 0 {
             progress.publish(&metrics, &health);
+            crate::notify::status(&progress.summary());
         }
         if n % 40 == 39 {
             progress.log();

@@ -211,6 +211,18 @@ impl CopyProgress {
             .collect::<Vec<_>>()));
     }
 
+    /// One line for `systemctl status`: rows and tables copied so far.
+    pub fn summary(&self) -> String {
+        let snap = self.snapshot();
+        let rows: u64 = snap.iter().map(|p| p.rows).sum();
+        let estimate: u64 = snap.iter().map(|p| p.estimate).sum();
+        let done = snap.iter().filter(|p| p.state == "copied").count();
+        format!(
+            "copying: {rows} of ~{estimate} rows, {done}/{} tables copied",
+            snap.len()
+        )
+    }
+
     /// Draws the terminal's bars (nothing when there is no terminal display).
     pub fn draw(&self) {
         let Some(mp) = TERMINAL.get() else { return };

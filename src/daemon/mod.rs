@@ -215,6 +215,7 @@ async fn run_inner(
     )
     .with_catalog_problems(problems_rx);
     let mut reader = tokio::spawn(reader.run(shutdown.clone()));
+    crate::notify::ready();
     let stop_by = Duration::from_secs_f64(settings.apply.shutdown_secs);
     let (result, deadline) = tokio::select! {
         r = &mut reader => (r, tokio::time::Instant::now() + Duration::from_secs(5)),

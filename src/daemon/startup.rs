@@ -390,6 +390,8 @@ async fn copy_tables(
         .map_err(|e| startup(vec![format!("create slot {slot}: {e}")]))?;
     tracing::info!(slot, consistent_point = %lsn, tables = plan.jobs.len(), "copying the routed tables under the slot's snapshot");
     health.set_phase(Phase::Copying);
+    // The pipeline runs: a long copy must not count against systemd's start timeout.
+    crate::notify::ready();
     let progress = crate::copy::progress::CopyProgress::default();
     let reporter = tokio::spawn(crate::copy::report(
         progress.clone(),
@@ -409,6 +411,7 @@ async fn copy_tables(
     reporter.abort();
     progress.publish(metrics, health);
     progress.draw();
+    crate::notify::status(&progress.summary());
     // The snapshot is no longer needed; a temporary slot goes with its connection.
     conn.close().await;
     health.set_phase(Phase::Starting);

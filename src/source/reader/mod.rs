@@ -169,6 +169,8 @@ pub struct Reader {
     idle_wal_end: Option<Lsn>,
     received: Lsn,
     last_status: Instant,
+    /// When systemd last got a STATUS= line.
+    last_notify_status: Instant,
     sent_confirmed: Lsn,
     metrics: Metrics,
     health: Health,
@@ -206,6 +208,9 @@ impl Reader {
             idle_wal_end: None,
             received: confirmed,
             last_status: Instant::now(),
+            last_notify_status: Instant::now()
+                .checked_sub(Duration::from_secs(60))
+                .unwrap_or_else(Instant::now),
             sent_confirmed: Lsn::ZERO,
             metrics,
             health,
@@ -386,6 +391,14 @@ impl Reader {
         }
         self.metrics.lag_seconds.set(overall);
         self.health.set_lag(overall, self.confirmed);
+        if self.last_notify_status.elapsed() >= Duration::from_secs(5) {
+            self.last_notify_status = Instant::now();
+            crate::notify::status(&format!(
+                "streaming; lag {overall:.1} s; confirmed {}; {} targets",
+                self.confirmed,
+                self.links.len()
+            ));
+        }
     }
 
     /// The end of a stream on shutdown: quiesce the targets (for at most most of
@@ -452,6 +465,7 @@ impl Reader {
                 }
                 // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
+                    crate::notify::watchdog();
                     self.check_holds(&mut conn).await?;
                     if self.needs_restream() {
                         self.send_status(&mut conn, true).await?;
