@@ -46,6 +46,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Drop the slot (which holds the monolith's WAL) and the publication; with `--targets`
+    /// also pgcarve's bookkeeping on the service databases (never their tables). Refuses while
+    /// a pgcarve is attached to the slot, unless `--force`. Exit 0 done, 1 refused, 2 failed.
+    Teardown {
+        /// Also remove `pgcarve.progress` and the copy state on every target.
+        #[arg(long)]
+        targets: bool,
+        /// End the connection holding the slot first.
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a throwaway local PostgreSQL with a sample healthcare monolith and stream it live
     /// into service databases, showing progress; stops by itself (or on Ctrl-C).
     Demo {

@@ -14,8 +14,8 @@
 //!        │
 //!  daemon                   run: startup (inspect → plan → act), slot decision, the tasks
 //!        │
-//!  copy, schema             the initial copy under a snapshot with a known position; the
-//!                           targets' tables from the monolith's catalog
+//!  copy, schema, teardown   the initial copy under a snapshot with a known position; the
+//!                           targets' tables from the monolith's catalog; removing it all
 //!        │
 //!  source        apply      the reader (replication stream → routed chunks) and one apply task
 //!        │         │        per target; they never import each other, only `link`
@@ -54,4 +54,5 @@ pub mod schema;
 pub mod secret;
 pub mod source;
 pub mod table;
+pub mod teardown;
 pub mod tls;

@@ -47,8 +47,10 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    if let Command::Schema { dry_run } = cli.command {
-        return schema(&cli.config, dry_run);
+    match cli.command {
+        Command::Schema { dry_run } => return schema(&cli.config, dry_run),
+        Command::Teardown { targets, force } => return teardown(&cli.config, targets, force),
+        _ => {}
     }
     let result = match cli.command {
         Command::Run => pgcarve::daemon::load_settings(&cli.config).and_then(|settings| {
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
             runtime(threads).and_then(|rt| rt.block_on(pgcarve::demo::run(seconds, keep)))
         }
-        Command::Schema { .. } => unreachable!("handled above"),
+        Command::Schema { .. } | Command::Teardown { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,24 +76,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// `pgcarve schema`: 0 in place (created or nothing to do), 1 differences, 2 could not run.
-fn schema(config: &std::path::Path, dry_run: bool) -> ExitCode {
-    let outcome = pgcarve::daemon::load_settings(config).and_then(|settings| {
-        runtime(1)?
-            .block_on(pgcarve::schema::run(
-                &settings,
-                if dry_run {
-                    pgcarve::schema::Mode::Report
-                } else {
-                    pgcarve::schema::Mode::Apply
-                },
-            ))
-            .map_err(anyhow::Error::msg)
-    });
+/// A report command's end: its text on stdout, exit 1 when it found a problem (or refused),
+/// 2 when it could not run.
+fn report_exit(outcome: anyhow::Result<(String, bool)>) -> ExitCode {
     match outcome {
-        Ok(o) => {
-            print!("{}", o.report());
-            if o.has_differences() {
+        Ok((text, problem)) => {
+            print!("{text}");
+            if problem {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
@@ -102,6 +93,32 @@ fn schema(config: &std::path::Path, dry_run: bool) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `pgcarve schema`: 0 in place (created or nothing to do), 1 differences, 2 could not run.
+fn schema(config: &std::path::Path, dry_run: bool) -> ExitCode {
+    let mode = if dry_run {
+        pgcarve::schema::Mode::Report
+    } else {
+        pgcarve::schema::Mode::Apply
+    };
+    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
+        let o = runtime(1)?
+            .block_on(pgcarve::schema::run(&settings, mode))
+            .map_err(anyhow::Error::msg)?;
+        Ok((o.report(), o.has_differences()))
+    }))
+}
+
+/// `pgcarve teardown`: 0 done, 1 refused (slot in use), 2 could not run.
+fn teardown(config: &std::path::Path, targets: bool, force: bool) -> ExitCode {
+    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
+        let r = runtime(1)?
+            .block_on(pgcarve::teardown::run(&settings, targets, force))
+            .map_err(anyhow::Error::msg)?;
+        let text: String = r.lines.iter().map(|l| format!("{l}\n")).collect();
+        Ok((text, r.refused))
+    }))
 }
 
 #[cfg(test)]

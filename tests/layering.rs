@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],
-    &["copy", "schema"],
+    &["copy", "schema", "teardown"],
     &["daemon"],
     &["demo", "cli", "main", "lib"],
 ];

@@ -14,4 +14,5 @@ mod replication_conn;
 mod schema;
 mod streaming;
 mod systemd;
+mod teardown;
 mod values;

@@ -2,7 +2,7 @@
 //! twice; differences of existing tables reported with nothing changed; the created tables
 //! then take the initial copy and the stream.
 
-use crate::common::{start_daemon, Env};
+use crate::common::{pgcarve_command, start_daemon, Env};
 
 const SOURCE: &str = "
 CREATE TYPE mood AS ENUM ('calm', 'anxious', 'in pain');
@@ -55,20 +55,9 @@ fn targets() -> [(&'static str, &'static [&'static str]); 2] {
     ]
 }
 
-/// Runs `pgcarve schema` on `env`'s config: (exit code, stdout).
+/// Runs `pgcarve schema` on `env`'s config: (exit code, output).
 fn schema(env: &Env) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("daemon.toml");
-    std::fs::write(&config, env.config()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcarve"))
-        .arg("--config")
-        .arg(&config)
-        .arg("schema")
-        .output()
-        .expect("run pgcarve schema");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+    pgcarve_command(env, &["schema"])
 }
 
 /// Each table's columns as (name, type), for comparing definitions.

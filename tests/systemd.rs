@@ -29,7 +29,10 @@ fn verify(unit_file: &str, unit_to_check: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && said.trim().is_empty(), "{unit_to_check}: {said}");
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "{unit_to_check}: {said}"
+    );
 }
 
 #[test]

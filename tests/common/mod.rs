@@ -361,3 +361,24 @@ pub fn kill9(child: &mut std::process::Child) {
     }
     let _ = child.wait();
 }
+
+/// Runs `pgcarve --config <env's config> ARGS…` to the end: (exit code, stdout and stderr).
+pub fn pgcarve_command(env: &Env, args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, env.config()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcarve"))
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .output()
+        .expect("run pgcarve");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
