@@ -37,6 +37,13 @@ pub const TARGET_STUCK_SECONDS: &str = "migration_target_stuck_seconds";
 pub const SPOOL_BYTES: &str = "migration_spool_bytes";
 /// 1 while a target is detached (its spool overflowed): it rejoins by one stream restart.
 pub const TARGET_DETACHED: &str = "migration_target_detached";
+/// Bytes of WAL between the newest position the source reported and the position confirmed to
+/// the slot: what the slot makes the monolith keep beyond pgcarve's progress.
+pub const LAG_BYTES: &str = "migration_lag_bytes";
+/// 1 while an initial copy runs (the stream waits for the first one).
+pub const COPYING: &str = "migration_copying";
+/// 1, labelled with the version: which pgcarve is running.
+pub const BUILD_INFO: &str = "migration_build_info";
 /// Rows the initial copy has read of a table (written to each owner that needs it).
 pub const COPY_ROWS: &str = "migration_copy_rows";
 /// The source's estimate of a table's rows (`pg_class.reltuples`) when its copy began.
@@ -47,6 +54,30 @@ pub const COPY_DONE: &str = "migration_copy_done";
 pub const DDL_PROBLEM: &str = "migration_ddl_problem";
 /// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
 pub const TABLE_RENAMED: &str = "migration_table_renamed";
+
+/// The `sqlstate_class` values of `migration_errors_total` created at zero for every target:
+/// pgcarve's own words and the SQLSTATE classes a target plausibly answers with (others appear
+/// with their first error).
+pub const ERROR_CLASSES: &[&str] = &[
+    "divergence",
+    "schema",
+    "ddl",
+    "connection",
+    "protocol",
+    "spool",
+    "08",
+    "22",
+    "23",
+    "25",
+    "40",
+    "42",
+    "53",
+    "54",
+    "55",
+    "57",
+    "58",
+    "XX",
+];
 
 /// Handles to every metric.
 #[derive(Clone)]
@@ -87,6 +118,10 @@ pub struct Metrics {
     pub target_detached: IntGaugeVec,
     /// See [`TABLE_RENAMED`].
     pub table_renamed: IntGaugeVec,
+    /// See [`LAG_BYTES`].
+    pub lag_bytes: IntGauge,
+    /// See [`COPYING`].
+    pub copying: IntGauge,
     /// See [`COPY_ROWS`].
     pub copy_rows: IntGaugeVec,
     /// See [`COPY_ROWS_ESTIMATE`].
@@ -209,6 +244,30 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(target_detached.clone()));
+        let lag_bytes = IntGauge::new(
+            LAG_BYTES,
+            "Bytes of WAL between the newest position the source reported and the position confirmed to the slot.",
+        )
+        .unwrap();
+        reg(Box::new(lag_bytes.clone()));
+        let copying = IntGauge::new(
+            COPYING,
+            "1 while an initial copy runs (the first start's stream waits for it).",
+        )
+        .unwrap();
+        reg(Box::new(copying.clone()));
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                BUILD_INFO,
+                "1, labelled with the running pgcarve's version.",
+            ),
+            &["version"],
+        )
+        .unwrap();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        reg(Box::new(build_info));
         let copy_gauge = |name: &str, help: &str| {
             let g = IntGaugeVec::new(Opts::new(name, help), &["table"]).unwrap();
             reg(Box::new(g.clone()));
@@ -259,10 +318,33 @@ impl Metrics {
             ddl_problem,
             table_renamed,
             target_stuck_seconds,
+            lag_bytes,
+            copying,
             copy_rows,
             copy_rows_estimate,
             copy_done,
         }
+    }
+
+    /// Creates every series of a target at zero, so alert rules and dashboards see them from
+    /// start-up (an `increase()` over a counter that appears with its first error misses it).
+    pub fn init_target(&self, target: &str, tables: &[String]) {
+        for class in ERROR_CLASSES {
+            self.errors_total.with_label_values(&[target, class]);
+        }
+        for table in tables {
+            for op in ["insert", "update", "delete", "truncate"] {
+                self.rows_applied.with_label_values(&[target, table, op]);
+            }
+        }
+        let t = [target];
+        self.transactions_applied.with_label_values(&t);
+        self.target_up.with_label_values(&t);
+        self.target_lag_seconds.with_label_values(&t);
+        self.target_committed_lsn.with_label_values(&t);
+        self.target_stuck_seconds.with_label_values(&t);
+        self.spool_bytes.with_label_values(&t);
+        self.target_detached.with_label_values(&t);
     }
 
     /// The text exposition of every metric.

@@ -1,5 +1,6 @@
 //! Integration tests against real throwaway PostgreSQL clusters (one test binary).
 
+mod alerts;
 mod auth_tls;
 mod common;
 mod copy;

@@ -786,6 +786,7 @@ impl OnlineCopy {
             }
         }
         tracing::info!(at = %lsn, tables = plan.jobs.len(), "owners hold everything before the snapshot; copying");
+        metrics.copying.set(1);
         let progress = CopyProgress::default();
         let reporter = tokio::spawn(report(progress.clone(), metrics.clone(), health.clone()));
         let run = CopyRun {
@@ -803,6 +804,7 @@ impl OnlineCopy {
         progress.draw();
         crate::notify::status(&progress.summary());
         conn.close().await;
+        metrics.copying.set(0);
         if shutdown.is_cancelled() {
             return Ok(());
         }

@@ -153,6 +153,10 @@ async fn run_inner(
         )])),
     }
     let mut copied_at = started.copied_at.into_iter();
+    for t in &settings.targets {
+        let tables: Vec<String> = t.tables.iter().map(|t| t.to_string()).collect();
+        metrics.init_target(&t.name, &tables);
+    }
     for t in started.targets {
         cancellers.push((t.name.clone(), t.worker.canceller()));
         let spool = crate::link::queue::SpoolSettings {

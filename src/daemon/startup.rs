@@ -390,6 +390,7 @@ async fn copy_tables(
         .map_err(|e| startup(vec![format!("create slot {slot}: {e}")]))?;
     tracing::info!(slot, consistent_point = %lsn, tables = plan.jobs.len(), "copying the routed tables under the slot's snapshot");
     health.set_phase(Phase::Copying);
+    metrics.copying.set(1);
     // The pipeline runs: a long copy must not count against systemd's start timeout.
     crate::notify::ready();
     let progress = crate::copy::progress::CopyProgress::default();
@@ -415,6 +416,7 @@ async fn copy_tables(
     // The snapshot is no longer needed; a temporary slot goes with its connection.
     conn.close().await;
     health.set_phase(Phase::Starting);
+    metrics.copying.set(0);
     match result {
         Ok(()) => {}
         Err(_) if shutdown.is_cancelled() => return Ok(None),

@@ -390,6 +390,9 @@ impl Reader {
             }
         }
         self.metrics.lag_seconds.set(overall);
+        self.metrics.lag_bytes.set(
+            i64::try_from(self.received.0.saturating_sub(self.confirmed.0)).unwrap_or(i64::MAX),
+        );
         self.health.set_lag(overall, self.confirmed);
         if self.last_notify_status.elapsed() >= Duration::from_secs(5) {
             self.last_notify_status = Instant::now();
