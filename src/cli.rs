@@ -33,6 +33,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Format of a command's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// For people.
+    Human,
+    /// One JSON document.
+    Json,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -56,6 +65,25 @@ pub enum Command {
         /// End the connection holding the slot first.
         #[arg(long)]
         force: bool,
+    },
+    /// Read-only preflight of the source, every target, the publication and the slot: every
+    /// problem at once, each with its fix. Changes nothing. Exit 0 ready, 1 problems, 2 could
+    /// not run.
+    Check {
+        /// Add the migration assessment: sizes and copy time per target, tables without a
+        /// primary key, foreign keys that cross services, sequences, triggers on targets.
+        #[arg(long)]
+        assess: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+    /// A one-screen summary of the running pgcarve (its `/status` at `metrics.listen`). Exit 0
+    /// healthy or degraded, 1 failed, 2 not reachable.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
     },
     /// Start a throwaway local PostgreSQL with a sample healthcare monolith and stream it live
     /// into service databases, showing progress; stops by itself (or on Ctrl-C).

@@ -34,6 +34,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
@@ -53,6 +54,7 @@ pub mod route;
 pub mod schema;
 pub mod secret;
 pub mod source;
+pub mod status;
 pub mod table;
 pub mod teardown;
 pub mod tls;

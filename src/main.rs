@@ -50,6 +50,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Schema { dry_run } => return schema(&cli.config, dry_run),
         Command::Teardown { targets, force } => return teardown(&cli.config, targets, force),
+        Command::Status { format } => return status(&cli.config, format),
+        Command::Check { assess, format } => return check(&cli.config, assess, format),
         _ => {}
     }
     let result = match cli.command {
@@ -65,7 +67,12 @@ fn main() -> ExitCode {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
             runtime(threads).and_then(|rt| rt.block_on(pgcarve::demo::run(seconds, keep)))
         }
-        Command::Schema { .. } | Command::Teardown { .. } => unreachable!("handled above"),
+        Command::Schema { .. }
+        | Command::Teardown { .. }
+        | Command::Status { .. }
+        | Command::Check { .. } => {
+            unreachable!("handled above")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,6 +114,38 @@ fn schema(config: &std::path::Path, dry_run: bool) -> ExitCode {
             .block_on(pgcarve::schema::run(&settings, mode))
             .map_err(anyhow::Error::msg)?;
         Ok((o.report(), o.has_differences()))
+    }))
+}
+
+/// `pgcarve check`: 0 ready, 1 problems, 2 could not run (a config error counts: its problems
+/// are printed).
+fn check(config: &std::path::Path, assess: bool, format: pgcarve::cli::ReportFormat) -> ExitCode {
+    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
+        let r = runtime(1)?
+            .block_on(pgcarve::check::run(&settings, assess))
+            .map_err(anyhow::Error::msg)?;
+        let text = match format {
+            pgcarve::cli::ReportFormat::Json => format!("{}\n", r.json()),
+            pgcarve::cli::ReportFormat::Human => r.text(),
+        };
+        Ok((text, !r.problems.is_empty()))
+    }))
+}
+
+/// `pgcarve status`: 0 healthy or degraded, 1 failed, 2 not reachable.
+fn status(config: &std::path::Path, format: pgcarve::cli::ReportFormat) -> ExitCode {
+    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
+        let addr = settings.metrics_listen.ok_or_else(|| {
+            anyhow::anyhow!(
+                "metrics.listen is off in this config: pgcarve status reads /status there"
+            )
+        })?;
+        let s = pgcarve::status::fetch(addr).map_err(anyhow::Error::msg)?;
+        let text = match format {
+            pgcarve::cli::ReportFormat::Json => format!("{s}\n"),
+            pgcarve::cli::ReportFormat::Human => pgcarve::status::summary(&s),
+        };
+        Ok((text, s["status"] == "failed"))
     }))
 }
 

@@ -15,8 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],
     &["copy", "schema", "teardown"],
-    &["daemon"],
-    &["demo", "cli", "main", "lib"],
+    &["daemon", "check"],
+    &["demo", "cli", "status", "main", "lib"],
 ];
 
 /// Pairs that must never import each other in either direction.

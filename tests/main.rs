@@ -2,6 +2,7 @@
 
 mod alerts;
 mod auth_tls;
+mod check;
 mod common;
 mod copy;
 mod crash;
@@ -13,6 +14,7 @@ mod message_kinds;
 mod notify;
 mod replication_conn;
 mod schema;
+mod status;
 mod streaming;
 mod systemd;
 mod teardown;

@@ -364,12 +364,18 @@ pub fn kill9(child: &mut std::process::Child) {
 
 /// Runs `pgcarve --config <env's config> ARGS…` to the end: (exit code, stdout and stderr).
 pub fn pgcarve_command(env: &Env, args: &[&str]) -> (i32, String) {
+    pgcarve_command_with(&env.config(), args)
+}
+
+/// Runs `pgcarve --config <a file holding config> ARGS…` to the end: (exit code, stdout and
+/// stderr).
+pub fn pgcarve_command_with(config: &str, args: &[&str]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("daemon.toml");
-    std::fs::write(&config, env.config()).unwrap();
+    let path = dir.path().join("daemon.toml");
+    std::fs::write(&path, config).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgcarve"))
         .arg("--config")
-        .arg(&config)
+        .arg(&path)
         .args(args)
         .output()
         .expect("run pgcarve");
