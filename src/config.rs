@@ -51,6 +51,14 @@ pub struct SourceConfig {
     /// recreated, unpublished, replica identity).
     #[serde(default = "default_catalog_check")]
     pub catalog_check_secs: f64,
+    /// Seconds between source heartbeats (a logical decoding message, no table write) that let
+    /// the slot advance while the routed tables are idle, and readings of the WAL the slot
+    /// keeps; 0 turns the heartbeat off (the reading goes on every 30 s).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: f64,
+    /// A warning is logged when the slot keeps more of the monolith's WAL than this, bytes.
+    #[serde(default = "default_retained_wal_warn")]
+    pub retained_wal_warn_bytes: u64,
 }
 
 /// `[targets.NAME]`.
@@ -204,6 +212,12 @@ fn default_name() -> String {
 fn default_catalog_check() -> f64 {
     30.0
 }
+fn default_heartbeat() -> f64 {
+    30.0
+}
+fn default_retained_wal_warn() -> u64 {
+    5_000_000_000
+}
 fn default_chunk_changes() -> usize {
     2000
 }
@@ -279,6 +293,10 @@ pub struct Settings {
     pub catalog_check: std::time::Duration,
     /// The initial copy.
     pub copy: CopyConfig,
+    /// Source heartbeat interval (`None`: off).
+    pub heartbeat: Option<std::time::Duration>,
+    /// Retained-WAL warning threshold, bytes.
+    pub retained_wal_warn_bytes: u64,
 }
 
 impl Config {
@@ -451,6 +469,12 @@ impl Config {
                 self.copy.chunk_rows
             ));
         }
+        let hb = self.source.heartbeat_secs;
+        if !(hb == 0.0 || (1.0..=3600.0).contains(&hb)) {
+            problems.push(format!(
+                "source.heartbeat_secs = {hb}: 0 (off) or between 1 and 3600"
+            ));
+        }
         let check = self.source.catalog_check_secs;
         if !(check > 0.0 && check <= 3600.0) {
             problems.push(format!(
@@ -489,6 +513,9 @@ impl Config {
                 metrics_listen,
                 catalog_check: std::time::Duration::from_secs_f64(check.clamp(0.001, 3600.0)),
                 copy: self.copy.clone(),
+                heartbeat: (hb > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(hb.clamp(1.0, 3600.0))),
+                retained_wal_warn_bytes: self.source.retained_wal_warn_bytes,
             }),
             _ => Err(ConfigError(problems)),
         }

@@ -40,6 +40,8 @@ pub const TARGET_DETACHED: &str = "migration_target_detached";
 /// Bytes of WAL between the newest position the source reported and the position confirmed to
 /// the slot: what the slot makes the monolith keep beyond pgcarve's progress.
 pub const LAG_BYTES: &str = "migration_lag_bytes";
+/// WAL the slot keeps on the monolith (`pg_current_wal_lsn() - restart_lsn`), bytes.
+pub const SLOT_RETAINED_WAL_BYTES: &str = "migration_slot_retained_wal_bytes";
 /// 1 while an initial copy runs (the stream waits for the first one).
 pub const COPYING: &str = "migration_copying";
 /// 1, labelled with the version: which pgcarve is running.
@@ -122,6 +124,8 @@ pub struct Metrics {
     pub lag_bytes: IntGauge,
     /// See [`COPYING`].
     pub copying: IntGauge,
+    /// See [`SLOT_RETAINED_WAL_BYTES`].
+    pub slot_retained_wal_bytes: IntGauge,
     /// See [`COPY_ROWS`].
     pub copy_rows: IntGaugeVec,
     /// See [`COPY_ROWS_ESTIMATE`].
@@ -256,6 +260,12 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(copying.clone()));
+        let slot_retained_wal_bytes = IntGauge::new(
+            SLOT_RETAINED_WAL_BYTES,
+            "WAL the slot keeps on the monolith (pg_current_wal_lsn() - restart_lsn), bytes.",
+        )
+        .unwrap();
+        reg(Box::new(slot_retained_wal_bytes.clone()));
         let build_info = IntGaugeVec::new(
             Opts::new(
                 BUILD_INFO,
@@ -320,6 +330,7 @@ impl Metrics {
             target_stuck_seconds,
             lag_bytes,
             copying,
+            slot_retained_wal_bytes,
             copy_rows,
             copy_rows_estimate,
             copy_done,

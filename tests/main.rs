@@ -8,6 +8,7 @@ mod copy;
 mod crash;
 mod ddl;
 mod failure;
+mod heartbeat;
 mod isolation;
 mod layering;
 mod message_kinds;

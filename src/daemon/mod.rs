@@ -207,6 +207,18 @@ async fn run_inner(
             }
         })
     });
+    let heartbeat = tokio::spawn(crate::source::heartbeat::run(
+        crate::source::heartbeat::Watch {
+            source: settings.source.clone(),
+            tls: started.tls.clone(),
+            slot: settings.slot.clone(),
+            every: settings.heartbeat.unwrap_or(Duration::from_secs(30)),
+            heartbeat: settings.heartbeat.is_some(),
+            warn_bytes: settings.retained_wal_warn_bytes,
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let reader = Reader::new(
         settings.clone(),
         started.tls,
@@ -229,6 +241,7 @@ async fn run_inner(
         }
     };
     watch.abort();
+    heartbeat.abort();
     if let Some(t) = copy_task {
         let _ = tokio::time::timeout_at(deadline, t).await;
     }

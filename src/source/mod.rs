@@ -6,5 +6,6 @@
 pub mod catalog;
 pub mod conn;
 pub mod ddl;
+pub mod heartbeat;
 pub mod protocol;
 pub mod reader;
