@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::conninfo::ConnInfo;
 use crate::secret;
 use crate::table::TableName;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The monolith.
@@ -33,7 +33,7 @@ pub struct Config {
 }
 
 /// `[source]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// libpq URI of the monolith.
@@ -62,7 +62,7 @@ pub struct SourceConfig {
 }
 
 /// `[targets.NAME]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// libpq URI of the service database.
@@ -75,7 +75,7 @@ pub struct TargetConfig {
 }
 
 /// `[apply]`: how changes are batched toward the targets.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
     /// Changes per chunk sent to a target task (a big source transaction travels as several).
@@ -145,7 +145,7 @@ impl Default for ApplyConfig {
 }
 
 /// `[copy]`: the initial copy of the routed tables (see the `copy` module).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CopyConfig {
     /// Copy each routed table's existing rows before streaming its changes. Off: the targets
@@ -190,7 +190,7 @@ fn default_copy_chunk_rows() -> u64 {
 }
 
 /// `[metrics]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address for the HTTP endpoint; empty disables it.
@@ -297,6 +297,8 @@ pub struct Settings {
     pub heartbeat: Option<std::time::Duration>,
     /// Retained-WAL warning threshold, bytes.
     pub retained_wal_warn_bytes: u64,
+    /// The file as parsed (what a reload compares against).
+    pub raw: Config,
 }
 
 impl Config {
@@ -516,10 +518,55 @@ impl Config {
                 heartbeat: (hb > 0.0)
                     .then(|| std::time::Duration::from_secs_f64(hb.clamp(1.0, 3600.0))),
                 retained_wal_warn_bytes: self.source.retained_wal_warn_bytes,
+                raw: self.clone(),
             }),
             _ => Err(ConfigError(problems)),
         }
     }
+}
+
+/// Keys a reload applies to the running daemon; every other change needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "source.heartbeat_secs",
+    "source.retained_wal_warn_bytes",
+    "source.catalog_check_secs",
+];
+
+/// The keys (`section.key`, `targets.NAME.key`) whose values differ between two configs (pure).
+/// Only names: values may hold passwords (a URL's) and are never logged.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (a, b) if a != b => out.push(path.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let (a, b) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
+    walk("", &a, &b, &mut out);
+    out
 }
 
 /// A folder named after the slot (one per instance: each start empties it) under systemd's
@@ -545,6 +592,28 @@ fn valid_object_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_names_changed_keys_never_values() {
+        let a = Config::from_toml(
+            "[source]\nurl = \"postgresql://u:secret@h/db\"\n[targets.svc]\nurl = \"postgresql://h/t\"\ntables = [\"a\"]\n",
+        )
+        .unwrap();
+        let b = Config::from_toml(
+            "[source]\nurl = \"postgresql://u:other@h/db\"\nheartbeat_secs = 5\n[targets.svc]\nurl = \"postgresql://h/t\"\ntables = [\"a\", \"b\"]\n[apply]\nhung_secs = 10\n",
+        )
+        .unwrap();
+        assert_eq!(
+            changed_keys(&a, &b),
+            [
+                "apply.hung_secs",
+                "source.heartbeat_secs",
+                "source.url",
+                "targets.svc.tables"
+            ]
+        );
+        assert!(changed_keys(&a, &a).is_empty());
+    }
 
     const GOOD: &str = r#"
 [source]

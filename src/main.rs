@@ -60,7 +60,10 @@ fn main() -> ExitCode {
                 pgcarve::copy::progress::enable_terminal_display();
             }
             let threads = settings.apply.threads;
-            runtime(threads)?.block_on(pgcarve::daemon::run_until_signal(settings))
+            runtime(threads)?.block_on(pgcarve::daemon::run_until_signal(
+                settings,
+                cli.config.clone(),
+            ))
         }),
         // The demo runs its workload sessions beside the daemon: a thread per core.
         Command::Demo { seconds, keep } => {

@@ -13,6 +13,7 @@ mod isolation;
 mod layering;
 mod message_kinds;
 mod notify;
+mod reload;
 mod replication_conn;
 mod schema;
 mod status;

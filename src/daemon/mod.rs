@@ -1,6 +1,7 @@
 //! `pgcarve run`: start-up (`startup`: inspect → plan → act, the slot decision in `slot`), then
 //! the reader and one apply task per target until shutdown.
 
+pub mod periodic;
 pub mod slot;
 pub mod startup;
 
@@ -40,8 +41,11 @@ pub fn load_settings(path: &Path) -> anyhow::Result<Settings> {
     Ok(Config::load(path)?.validate()?)
 }
 
-/// Runs until SIGINT or SIGTERM.
-pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads `config` (see `periodic`).
+pub async fn run_until_signal(
+    settings: Settings,
+    config: std::path::PathBuf,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -49,7 +53,24 @@ pub async fn run_until_signal(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("shutdown requested; draining");
         signal.cancel();
     });
-    run(settings, Observability::default(), shutdown).await?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(config = %config.display(), "SIGHUP: reloading the config");
+            if reload_tx.send(config.clone()).is_err() {
+                return;
+            }
+        }
+    });
+    run_with_reload(
+        settings,
+        Observability::default(),
+        shutdown,
+        Some(reload_rx),
+    )
+    .await?;
     Ok(())
 }
 
@@ -94,6 +115,16 @@ pub async fn run(
     obs: Observability,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    run_with_reload(settings, obs, shutdown, None).await
+}
+
+/// [`run`], reloading the config file each time a path arrives on `reloads`.
+pub async fn run_with_reload(
+    settings: Settings,
+    obs: Observability,
+    shutdown: CancellationToken,
+    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>,
+) -> Result<(), DaemonError> {
     let Observability { metrics, health } = obs;
     let http = match settings.metrics_listen {
         Some(addr) => Some(
@@ -103,7 +134,7 @@ pub async fn run(
         ),
         None => None,
     };
-    let result = run_inner(&settings, &metrics, &health, &shutdown).await;
+    let result = run_inner(&settings, &metrics, &health, &shutdown, reloads).await;
     if let Err(e) = &result {
         health.set_fatal(e.to_string());
     }
@@ -128,6 +159,7 @@ async fn run_inner(
     metrics: &Metrics,
     health: &Health,
     shutdown: &CancellationToken,
+    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>,
 ) -> Result<(), DaemonError> {
     let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
         return Ok(()); // shutdown while waiting for a database
@@ -178,15 +210,17 @@ async fn run_inner(
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
     // unpublished, or with a replica identity that no longer publishes its changes).
     let (problems_tx, problems_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watch = tokio::spawn(crate::source::ddl::watch(
-        settings.source.clone(),
-        started.tls.clone(),
-        settings.publication.clone(),
-        started.router.routed_oids(),
-        settings.catalog_check,
-        problems_tx,
-        shutdown.clone(),
-    ));
+    let periodic = tokio::spawn(
+        periodic::Periodic::start(
+            settings,
+            started.tls.clone(),
+            started.router.routed_oids(),
+            problems_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .run(reloads),
+    );
     // A failed copy stops the daemon (its state says what failed; the next start copies again).
     let copy_failed = Arc::new(std::sync::Mutex::new(None));
     let copy_task = online.map(|o| {
@@ -207,18 +241,6 @@ async fn run_inner(
             }
         })
     });
-    let heartbeat = tokio::spawn(crate::source::heartbeat::run(
-        crate::source::heartbeat::Watch {
-            source: settings.source.clone(),
-            tls: started.tls.clone(),
-            slot: settings.slot.clone(),
-            every: settings.heartbeat.unwrap_or(Duration::from_secs(30)),
-            heartbeat: settings.heartbeat.is_some(),
-            warn_bytes: settings.retained_wal_warn_bytes,
-        },
-        metrics.clone(),
-        shutdown.clone(),
-    ));
     let reader = Reader::new(
         settings.clone(),
         started.tls,
@@ -240,8 +262,8 @@ async fn run_inner(
             (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
         }
     };
-    watch.abort();
-    heartbeat.abort();
+    shutdown.cancel();
+    let _ = periodic.await;
     if let Some(t) = copy_task {
         let _ = tokio::time::timeout_at(deadline, t).await;
     }

@@ -1,0 +1,85 @@
+//! SIGHUP on a running pgcarve: live keys change at once, other changes are named as needing a
+//! restart, a broken file is rejected and the daemon runs on.
+
+use std::time::Duration;
+
+use crate::common::{spawn_daemon, wait_until, Env};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_live_keys_names_the_rest_and_survives_a_broken_file() {
+    let mut env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY); CREATE TABLE more (id int PRIMARY KEY);",
+        &[("svc", &["notes"])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    let log = dir.path().join("daemon.log");
+    std::fs::write(&config, env.config()).unwrap();
+    let mut child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    let hup = |child: &std::process::Child| {
+        // SAFETY: kill on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGHUP);
+        }
+    };
+    let log_has = |text: &'static str| {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains(text)
+            }
+        }
+    };
+
+    // A live key and a table added: the first applies now, the second at the next restart.
+    env.targets[0].tables.push("more".into());
+    std::fs::write(
+        &config,
+        env.config()
+            .replace("[source]\n", "[source]\nheartbeat_secs = 2\n"),
+    )
+    .unwrap();
+    hup(&child);
+    wait_until(
+        "the reload applied",
+        Duration::from_secs(30),
+        log_has("reload: applied"),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("source.heartbeat_secs"), "{text}");
+    assert!(
+        text.contains("targets.svc.tables") && text.contains("take effect at the next restart"),
+        "{text}"
+    );
+
+    // A broken file: rejected, and the daemon streams on.
+    std::fs::write(&config, "[source]\nurl = 12\n").unwrap();
+    hup(&child);
+    wait_until(
+        "the broken file rejected",
+        Duration::from_secs(30),
+        log_has("the running config stays"),
+    )
+    .await;
+    env.source()
+        .await
+        .batch_execute("INSERT INTO notes VALUES (1)")
+        .await
+        .unwrap();
+    env.wait_equal("svc", "notes").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon is still running"
+    );
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+}
