@@ -3,7 +3,8 @@
 //! never from row data.
 
 use prometheus::{
-    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Seconds between now and the commit time of the oldest source transaction not yet applied
@@ -42,6 +43,11 @@ pub const TARGET_DETACHED: &str = "migration_target_detached";
 pub const LAG_BYTES: &str = "migration_lag_bytes";
 /// WAL the slot keeps on the monolith (`pg_current_wal_lsn() - restart_lsn`), bytes.
 pub const SLOT_RETAINED_WAL_BYTES: &str = "migration_slot_retained_wal_bytes";
+/// Seconds from a target transaction's BEGIN to its COMMIT (one group of source
+/// transactions), by target.
+pub const APPLY_BATCH_SECONDS: &str = "migration_apply_batch_seconds";
+/// 1 for a target's current state (`streaming`, `retrying`, `failed`, `starting`), by target.
+pub const TARGET_STATE: &str = "migration_target_state";
 /// 1 while an initial copy runs (the stream waits for the first one).
 pub const COPYING: &str = "migration_copying";
 /// 1, labelled with the version: which pgcarve is running.
@@ -56,6 +62,9 @@ pub const COPY_DONE: &str = "migration_copy_done";
 pub const DDL_PROBLEM: &str = "migration_ddl_problem";
 /// 1 for a routed table renamed or moved on the monolith (followed), by routed and new name.
 pub const TABLE_RENAMED: &str = "migration_table_renamed";
+
+/// The values of `migration_target_state`'s `state` label.
+pub const TARGET_STATES: &[&str] = &["starting", "streaming", "retrying", "failed"];
 
 /// The `sqlstate_class` values of `migration_errors_total` created at zero for every target:
 /// pgcarve's own words and the SQLSTATE classes a target plausibly answers with (others appear
@@ -126,6 +135,10 @@ pub struct Metrics {
     pub copying: IntGauge,
     /// See [`SLOT_RETAINED_WAL_BYTES`].
     pub slot_retained_wal_bytes: IntGauge,
+    /// See [`APPLY_BATCH_SECONDS`].
+    pub apply_batch_seconds: HistogramVec,
+    /// See [`TARGET_STATE`].
+    pub target_state: IntGaugeVec,
     /// See [`COPY_ROWS`].
     pub copy_rows: IntGaugeVec,
     /// See [`COPY_ROWS_ESTIMATE`].
@@ -266,6 +279,27 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(slot_retained_wal_bytes.clone()));
+        let apply_batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                APPLY_BATCH_SECONDS,
+                "Seconds from a target transaction's BEGIN to its COMMIT (one group of source transactions).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["target"],
+        )
+        .unwrap();
+        reg(Box::new(apply_batch_seconds.clone()));
+        let target_state = IntGaugeVec::new(
+            Opts::new(
+                TARGET_STATE,
+                "1 for the target's current state (streaming, retrying, failed, starting).",
+            ),
+            &["target", "state"],
+        )
+        .unwrap();
+        reg(Box::new(target_state.clone()));
         let build_info = IntGaugeVec::new(
             Opts::new(
                 BUILD_INFO,
@@ -331,6 +365,8 @@ impl Metrics {
             lag_bytes,
             copying,
             slot_retained_wal_bytes,
+            apply_batch_seconds,
+            target_state,
             copy_rows,
             copy_rows_estimate,
             copy_done,
@@ -356,6 +392,17 @@ impl Metrics {
         self.target_stuck_seconds.with_label_values(&t);
         self.spool_bytes.with_label_values(&t);
         self.target_detached.with_label_values(&t);
+        self.apply_batch_seconds.with_label_values(&t);
+        self.set_target_state(target, "starting");
+    }
+
+    /// Sets the target's state series: 1 for `state`, 0 for the others.
+    pub fn set_target_state(&self, target: &str, state: &str) {
+        for s in TARGET_STATES {
+            self.target_state
+                .with_label_values(&[target, s])
+                .set(i64::from(*s == state));
+        }
     }
 
     /// The text exposition of every metric.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{pgcarve_command_with, start_daemon, wait_until, Env};
+use crate::common::{metric, pgcarve_command_with, start_daemon, wait_until, Env};
 
 fn with_listen(env: &Env) -> (String, u16) {
     let port = pgcarve::localpg::free_port().expect("a free port");
@@ -67,6 +67,21 @@ async fn the_status_page_json_and_command_show_what_runs() {
         .await
         .unwrap();
     env.wait_equal("clinic", "notes").await;
+    assert!(
+        metric(
+            &daemon,
+            "migration_apply_batch_seconds_count",
+            &[("target", "clinic")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &daemon,
+            "migration_target_state",
+            &[("target", "clinic"), ("state", "streaming")]
+        ),
+        1.0
+    );
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // /status: the health report with each target's counts.

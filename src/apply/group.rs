@@ -75,6 +75,8 @@ pub(super) struct Group {
     in_flight: FuturesOrdered<Flight>,
     /// Constraints were made immediate while identity columns are writable: defer them again.
     pub undeferred: bool,
+    /// When the target transaction began (the apply latency histogram).
+    pub began: Option<std::time::Instant>,
 }
 
 impl Default for Group {
@@ -89,6 +91,7 @@ impl Default for Group {
             pending: None,
             in_flight: FuturesOrdered::new(),
             undeferred: false,
+            began: None,
         }
     }
 }
@@ -160,6 +163,7 @@ impl Worker {
                 .await
                 .map_err(|e| ApplyError::Connection(safe_pg_error(&e)))?;
             self.group.in_txn = true;
+            self.group.began = Some(std::time::Instant::now());
         }
         self.group.complete = false;
         let lsn = xact.final_lsn;
@@ -490,6 +494,12 @@ impl Worker {
             .transactions_applied
             .with_label_values(&[&self.name])
             .inc_by(txns);
+        if let Some(began) = self.group.began.take() {
+            self.metrics
+                .apply_batch_seconds
+                .with_label_values(&[&self.name])
+                .observe(began.elapsed().as_secs_f64());
+        }
         self.publish(TargetState::Streaming);
         self.advance_durable(flush);
         Ok(())

@@ -166,6 +166,16 @@ impl Worker {
 
     fn publish(&self, state: TargetState) {
         let up = i64::from(state == TargetState::Streaming);
+        let name = match &state {
+            TargetState::Starting => "starting",
+            TargetState::Streaming => "streaming",
+            TargetState::Stalled {
+                needs_operator: true,
+                ..
+            } => "failed",
+            TargetState::Stalled { .. } => "retrying",
+        };
+        self.metrics.set_target_state(&self.name, name);
         self.metrics
             .target_up
             .with_label_values(&[&self.name])
