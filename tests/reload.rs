@@ -82,4 +82,10 @@ async fn sighup_applies_live_keys_names_the_rest_and_survives_a_broken_file() {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
     }
     assert!(child.wait().unwrap().success());
+    // Not a terminal: plain log lines, no colour codes.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a non-terminal log"
+    );
 }

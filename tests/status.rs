@@ -125,3 +125,60 @@ async fn the_status_page_json_and_command_show_what_runs() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no pgcarve answers at"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_the_page_follow_a_first_copy_into_streaming() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY);
+         INSERT INTO notes SELECT generate_series(1, 100);",
+        &[("svc", &["notes"])],
+    )
+    .await;
+    let target = env.target("svc").await;
+    target.batch_execute("TRUNCATE notes").await.unwrap();
+    // The first copy waits on a lock the test holds.
+    let mut locker = env.target("svc").await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE notes IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (config, port) = with_listen(&env);
+    let daemon = start_daemon(&config);
+    let health = || async {
+        let (code, body) = daemon.obs.health.report();
+        (code, body)
+    };
+    wait_until("phase copying", Duration::from_secs(30), || async {
+        health().await.1["phase"] == "copying"
+    })
+    .await;
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("degraded")),
+        "{body}"
+    );
+    if let Some(dom) = rendered(&format!("http://127.0.0.1:{port}/")) {
+        assert!(dom.contains("class=\"badge degraded\""), "{dom}");
+        assert!(dom.contains("phase copying"), "{dom}");
+        assert!(dom.contains("<td>public.notes</td>"), "{dom}");
+    }
+    lock.rollback().await.unwrap();
+    env.wait_slot().await;
+    wait_until("healthy", Duration::from_secs(30), || async {
+        health().await.1["status"] == "healthy"
+    })
+    .await;
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["phase"].as_str()),
+        (200, Some("streaming")),
+        "{body}"
+    );
+    if let Some(dom) = rendered(&format!("http://127.0.0.1:{port}/")) {
+        assert!(dom.contains("class=\"badge healthy\""), "{dom}");
+        assert!(dom.contains("phase streaming"), "{dom}");
+    }
+    env.wait_equal("svc", "notes").await;
+    daemon.stop().await;
+}

@@ -289,3 +289,30 @@ pub async fn run(settings: &Settings, with_assessment: bool) -> Result<Report, S
     }
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleartext_toward_a_remote_host_is_named_and_local_or_tls_is_not() {
+        let c = |url: &str| ConnInfo::parse(url).unwrap();
+        assert_eq!(
+            cleartext_remote(&c("postgresql://u@db.internal/care?sslmode=disable")).as_deref(),
+            Some("db.internal")
+        );
+        assert_eq!(
+            cleartext_remote(&c("postgresql://u@db.internal/care?sslmode=prefer")).as_deref(),
+            Some("db.internal")
+        );
+        assert_eq!(
+            cleartext_remote(&c("postgresql://u@db.internal/care?sslmode=verify-full")),
+            None
+        );
+        assert_eq!(
+            cleartext_remote(&c("postgresql://u@127.0.0.1/care?sslmode=disable")),
+            None
+        );
+        assert_eq!(cleartext_remote(&c("postgresql://u@localhost/care")), None);
+    }
+}
