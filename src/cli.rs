@@ -78,6 +78,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
         format: ReportFormat,
     },
+    /// Compare each routed table at each owning target with the monolith, online: counts,
+    /// checksums over key ranges, and the keys that are missing, extra or different (never other
+    /// values). Exit 0 identical, 1 differences, 2 could not run.
+    Verify {
+        /// Only this table (`table` or `schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
     /// A one-screen summary of the running pgcarve (its `/status` at `metrics.listen`). Exit 0
     /// healthy or degraded, 1 failed, 2 not reachable.
     Status {

@@ -58,3 +58,4 @@ pub mod status;
 pub mod table;
 pub mod teardown;
 pub mod tls;
+pub mod verify;

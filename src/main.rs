@@ -52,6 +52,11 @@ fn main() -> ExitCode {
         Command::Teardown { targets, force } => return teardown(&cli.config, targets, force),
         Command::Status { format } => return status(&cli.config, format),
         Command::Check { assess, format } => return check(&cli.config, assess, format),
+        Command::Verify {
+            ref table,
+            ref target,
+            format,
+        } => return verify(&cli.config, table.as_deref(), target.as_deref(), format),
         _ => {}
     }
     let result = match cli.command {
@@ -73,7 +78,8 @@ fn main() -> ExitCode {
         Command::Schema { .. }
         | Command::Teardown { .. }
         | Command::Status { .. }
-        | Command::Check { .. } => {
+        | Command::Check { .. }
+        | Command::Verify { .. } => {
             unreachable!("handled above")
         }
     };
@@ -132,6 +138,31 @@ fn check(config: &std::path::Path, assess: bool, format: pgcarve::cli::ReportFor
             pgcarve::cli::ReportFormat::Human => r.text(),
         };
         Ok((text, !r.problems.is_empty()))
+    }))
+}
+
+/// `pgcarve verify`: 0 identical, 1 differences, 2 could not run.
+fn verify(
+    config: &std::path::Path,
+    table: Option<&str>,
+    target: Option<&str>,
+    format: pgcarve::cli::ReportFormat,
+) -> ExitCode {
+    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
+        let table = match table {
+            Some(t) => Some(pgcarve::table::TableName::parse(t).ok_or_else(|| {
+                anyhow::anyhow!("--table {t:?} is not a table name (use table or schema.table)")
+            })?),
+            None => None,
+        };
+        let r = runtime(1)?
+            .block_on(pgcarve::verify::run(&settings, table.as_ref(), target))
+            .map_err(anyhow::Error::msg)?;
+        let text = match format {
+            pgcarve::cli::ReportFormat::Json => format!("{}\n", r.json()),
+            pgcarve::cli::ReportFormat::Human => r.text(),
+        };
+        Ok((text, r.differs()))
     }))
 }
 

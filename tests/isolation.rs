@@ -203,7 +203,10 @@ async fn an_overflowing_spool_detaches_its_target_until_one_stream_restart() {
     // Free again: it applies what it holds, then rejoins by one stream restart, and has it all.
     lock.rollback().await.unwrap();
     env.wait_equal("locked", "patients").await;
-    assert_eq!(metric(&daemon, "migration_stream_restarts_total", &[]), 1.0);
+    // One restart brings it back. On a loaded machine its replay of the backlog can be slower
+    // than the reader long enough to fill the 1 MiB spool again: it then detaches and rejoins
+    // once more (never losing anything), so count at least one.
+    assert!(metric(&daemon, "migration_stream_restarts_total", &[]) >= 1.0);
     assert_eq!(
         metric(
             &daemon,

@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "route", "link", "health", "http", "localpg"],
     &["source", "apply"],
     &["copy", "schema", "teardown"],
-    &["daemon", "check"],
+    &["daemon", "check", "verify"],
     &["demo", "cli", "status", "main", "lib"],
 ];
 

@@ -21,3 +21,4 @@ mod streaming;
 mod systemd;
 mod teardown;
 mod values;
+mod verify;
