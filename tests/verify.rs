@@ -137,3 +137,46 @@ async fn verify_sees_no_difference_while_the_monolith_writes_and_pgcarve_streams
     assert_eq!(code, 0, "a false positive under writes:\n{out}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_orphans_of_a_foreign_key_that_now_crosses_services() {
+    let env = Env::new(
+        "CREATE TABLE patients (id bigint PRIMARY KEY, name text);
+         CREATE TABLE claims (id bigint PRIMARY KEY, patient_id bigint, amount numeric);",
+        &[("patient", &["patients"]), ("billing", &["claims"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute(
+        "ALTER TABLE claims ADD CONSTRAINT claims_patient_fk FOREIGN KEY (patient_id) REFERENCES patients;
+         INSERT INTO patients SELECT g, 'zq' FROM generate_series(1, 2000) g;
+         INSERT INTO claims SELECT g, 1 + g % 2000, g FROM generate_series(1, 6000) g;",
+    )
+    .await
+    .unwrap();
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    env.wait_equal("billing", "claims").await;
+    env.wait_equal("patient", "patients").await;
+    let (code, out) = pgcarve_command(&env, &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("cross-service relationships: no orphans"),
+        "{out}"
+    );
+
+    // A patient gone from the patient service only: its claims at billing are orphans.
+    env.target("patient")
+        .await
+        .batch_execute("DELETE FROM patients WHERE id IN (42, 43)")
+        .await
+        .unwrap();
+    let (code, out) = pgcarve_command(&env, &["verify"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ORPHANS: public.claims.patient_id at billing → public.patients.id at patient (claims_patient_fk): 6 rows whose parent is missing; missing parent keys: 42, 43"),
+        "{out}"
+    );
+    assert!(!out.contains("zq"));
+    daemon.stop().await;
+}

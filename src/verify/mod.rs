@@ -23,6 +23,8 @@
 //! md5) on both sides, or for a table without a key (REPLICA IDENTITY FULL) the multiset of row
 //! md5s with their counts.
 
+pub mod orphans;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -89,12 +91,16 @@ pub struct TableResult {
 pub struct Report {
     /// Every table compared.
     pub tables: Vec<TableResult>,
+    /// Cross-service relationships with persistent orphans.
+    pub orphans: Vec<orphans::Orphans>,
+    /// Cross-service relationships checked.
+    pub relationships_checked: bool,
 }
 
 impl Report {
     /// Some table differs.
     pub fn differs(&self) -> bool {
-        self.tables.iter().any(|t| t.diff.differs())
+        self.tables.iter().any(|t| t.diff.differs()) || !self.orphans.is_empty()
     }
 
     /// The human report.
@@ -128,6 +134,16 @@ impl Report {
                 }
             }
         }
+        for o in &self.orphans {
+            out.push_str(&format!(
+                "ORPHANS: {}.{} at {} → {}.{} at {} ({}): {} rows whose parent is missing; missing parent keys: {}\n",
+                o.child.0, o.child.1, o.child_target, o.parent.0, o.parent.1, o.parent_target,
+                o.constraint, o.rows, o.missing.join(", ")
+            ));
+        }
+        if self.relationships_checked && self.orphans.is_empty() {
+            out.push_str("cross-service relationships: no orphans\n");
+        }
         out.push_str(if self.differs() {
             "differences found\n"
         } else {
@@ -146,6 +162,12 @@ impl Report {
                 "missing": {"count": t.diff.counts.0, "keys": t.diff.missing},
                 "extra": {"count": t.diff.counts.1, "keys": t.diff.extra},
                 "different": {"count": t.diff.counts.2, "keys": t.diff.different},
+            })).collect::<Vec<_>>(),
+            "orphans": self.orphans.iter().map(|o| json!({
+                "constraint": o.constraint, "child_target": o.child_target,
+                "child": format!("{}.{}", o.child.0, o.child.1), "parent_target": o.parent_target,
+                "parent": format!("{}.{}", o.parent.0, o.parent.1), "rows": o.rows,
+                "missing_parent_keys": o.missing,
             })).collect::<Vec<_>>(),
         })
     }
@@ -329,46 +351,47 @@ impl Sides {
 
     /// Waits until every target holds everything before `p` (the slot confirmed it).
     async fn wait_applied(&self, p: Lsn) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        // A record past `p` in this database: the walsender decodes past it and reports the
-        // position at once, so an idle slot confirms `p` without waiting for a keepalive. (A
-        // role that may not emit it just waits longer.)
-        let _ = self
-            .slot_reader
-            .execute(
-                "SELECT pg_logical_emit_message(false, 'pgcarve', 'verify')",
-                &[],
+        wait_confirmed(&self.slot_reader, &self.slot, p).await
+    }
+}
+
+/// Waits until the slot has confirmed `p`: pgcarve confirms a position only when every target
+/// holds everything before it.
+async fn wait_confirmed(slot_reader: &Client, slot: &str, p: Lsn) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // A record past `p` in this database: the walsender decodes past it and reports the
+    // position at once, so an idle slot confirms `p` without waiting for a keepalive. (A role
+    // that may not emit it just waits longer.)
+    let _ = slot_reader
+        .execute(
+            "SELECT pg_logical_emit_message(false, 'pgcarve', 'verify')",
+            &[],
+        )
+        .await;
+    loop {
+        let row = slot_reader
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
             )
-            .await;
-        loop {
-            let row = self
-                .slot_reader
-                .query_opt(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.slot],
-                )
-                .await
-                .map_err(|e| format!("source: read slot: {}", safe_pg_error(&e)))?;
-            let Some(row) = row else {
-                return Err(format!(
-                    "slot {} does not exist: is pgcarve running?",
-                    self.slot
-                ));
-            };
-            let confirmed: Option<String> = row.get(0);
-            if confirmed
-                .and_then(|c| c.parse::<Lsn>().ok())
-                .is_some_and(|c| c >= p)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the targets have not applied up to {p} within 120 s (is pgcarve running and caught up?)"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            .await
+            .map_err(|e| format!("source: read slot: {}", safe_pg_error(&e)))?;
+        let Some(row) = row else {
+            return Err(format!("slot {slot} does not exist: is pgcarve running?"));
+        };
+        let confirmed: Option<String> = row.get(0);
+        if confirmed
+            .and_then(|c| c.parse::<Lsn>().ok())
+            .is_some_and(|c| c >= p)
+        {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the targets have not applied up to {p} within 120 s (is pgcarve running and caught up?)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -618,6 +641,29 @@ pub async fn run(
             return Err(format!("no target owns table {o}"));
         }
     }
+    // Relationships across services, when the whole migration is verified.
+    if only_table.is_none() && only_target.is_none() {
+        let src = connect(&settings.source, "source").await?;
+        let slot_reader = connect(&settings.source, "source").await?;
+        let by_name = async |name: &str| {
+            let t = settings
+                .targets
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| format!("no target {name}"))?;
+            connect(&t.conn, &format!("target {name}")).await
+        };
+        let wait = async || {
+            let p: String = slot_reader
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(|e| format!("source: {}", safe_pg_error(&e)))?
+                .get(0);
+            wait_confirmed(&slot_reader, &settings.slot, p.parse().unwrap_or(Lsn::ZERO)).await
+        };
+        report.orphans = orphans::check(settings, &src, by_name, wait).await?;
+        report.relationships_checked = true;
+    }
     Ok(report)
 }
 
@@ -654,6 +700,7 @@ mod tests {
                     counts: (1, 0, 1),
                 },
             }],
+            ..Report::default()
         };
         assert!(r.differs());
         let text = r.text();
