@@ -30,6 +30,9 @@ pub struct Config {
     /// The initial copy.
     #[serde(default)]
     pub copy: CopyConfig,
+    /// Periodic verification inside the daemon.
+    #[serde(default)]
+    pub verify: VerifyConfig,
 }
 
 /// `[source]`.
@@ -189,6 +192,16 @@ fn default_copy_chunk_rows() -> u64 {
     500_000
 }
 
+/// `[verify]`: periodic verification while running (the `verify` command's comparison).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Seconds between verifications of every routed table and cross-service relationship;
+    /// 0 (the default) turns it off. Each run reads the whole monolith once, range by range.
+    #[serde(default)]
+    pub interval_secs: f64,
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -297,6 +310,8 @@ pub struct Settings {
     pub heartbeat: Option<std::time::Duration>,
     /// Retained-WAL warning threshold, bytes.
     pub retained_wal_warn_bytes: u64,
+    /// Periodic verification interval (`None`: off).
+    pub verify_every: Option<std::time::Duration>,
     /// The file as parsed (what a reload compares against).
     pub raw: Config,
 }
@@ -471,6 +486,12 @@ impl Config {
                 self.copy.chunk_rows
             ));
         }
+        let vi = self.verify.interval_secs;
+        if !(vi == 0.0 || (1.0..=604_800.0).contains(&vi)) {
+            problems.push(format!(
+                "verify.interval_secs = {vi}: 0 (off) or between 1 and 604800"
+            ));
+        }
         let hb = self.source.heartbeat_secs;
         if !(hb == 0.0 || (1.0..=3600.0).contains(&hb)) {
             problems.push(format!(
@@ -518,6 +539,7 @@ impl Config {
                 heartbeat: (hb > 0.0)
                     .then(|| std::time::Duration::from_secs_f64(hb.clamp(1.0, 3600.0))),
                 retained_wal_warn_bytes: self.source.retained_wal_warn_bytes,
+                verify_every: (vi > 0.0).then(|| std::time::Duration::from_secs_f64(vi)),
                 raw: self.clone(),
             }),
             _ => Err(ConfigError(problems)),

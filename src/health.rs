@@ -57,6 +57,8 @@ struct State {
     copy: serde_json::Value,
     /// A copy runs while streaming (its owners are held).
     copying: bool,
+    /// The last periodic verification's outcome (null: none yet).
+    verification: serde_json::Value,
 }
 
 /// Shared health state, written by the daemon and reader, read by the HTTP server.
@@ -78,6 +80,7 @@ impl Default for Health {
             spools: Vec::new(),
             copy: json!([]),
             copying: false,
+            verification: serde_json::Value::Null,
         })))
     }
 }
@@ -131,6 +134,11 @@ impl Health {
             }
             s.phase = phase;
         });
+    }
+
+    /// Records the last periodic verification's outcome.
+    pub fn set_verification(&self, v: serde_json::Value) {
+        self.with(|s| s.verification = v);
     }
 
     /// Records whether a copy runs while streaming (degraded meanwhile).
@@ -253,6 +261,7 @@ impl Health {
             "problems": s.problems,
             "targets": targets,
             "copy": s.copy,
+            "verification": s.verification,
         });
         (if status == "failed" { 503 } else { 200 }, body)
     }

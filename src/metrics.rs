@@ -14,7 +14,7 @@ pub const LAG_SECONDS: &str = "migration_lag_seconds";
 pub const TARGET_LAG_SECONDS: &str = "migration_target_lag_seconds";
 /// Failed apply attempts, by target and SQLSTATE class.
 pub const ERRORS_TOTAL: &str = "migration_errors_total";
-/// Set by verification when source and targets differ (0 until `verify` exists).
+/// Tables and cross-service relationships the last periodic verification found inconsistent.
 pub const INCONSISTENCY: &str = "data_inconsistency_detected";
 /// Rows applied, by target, table and operation.
 pub const ROWS_APPLIED_TOTAL: &str = "migration_rows_applied_total";
@@ -48,6 +48,8 @@ pub const SLOT_RETAINED_WAL_BYTES: &str = "migration_slot_retained_wal_bytes";
 pub const APPLY_BATCH_SECONDS: &str = "migration_apply_batch_seconds";
 /// 1 for a target's current state (`streaming`, `retrying`, `failed`, `starting`), by target.
 pub const TARGET_STATE: &str = "migration_target_state";
+/// Unix time of the last verification that completed (0: none yet).
+pub const LAST_VERIFIED: &str = "migration_last_verified_timestamp_seconds";
 /// 1 while an initial copy runs (the stream waits for the first one).
 pub const COPYING: &str = "migration_copying";
 /// 1, labelled with the version: which pgcarve is running.
@@ -133,6 +135,8 @@ pub struct Metrics {
     pub lag_bytes: IntGauge,
     /// See [`COPYING`].
     pub copying: IntGauge,
+    /// See [`LAST_VERIFIED`].
+    pub last_verified: IntGauge,
     /// See [`SLOT_RETAINED_WAL_BYTES`].
     pub slot_retained_wal_bytes: IntGauge,
     /// See [`APPLY_BATCH_SECONDS`].
@@ -163,7 +167,7 @@ impl Metrics {
         let errors_total = IntCounterVec::new(Opts::new(ERRORS_TOTAL, "Failed apply attempts by target and SQLSTATE class (divergence: a row to update or delete was not found)."), &["target", "sqlstate_class"]).unwrap();
         let inconsistency = IntGauge::new(
             INCONSISTENCY,
-            "1 when verification found the targets differ from the source.",
+            "Tables and cross-service relationships the last verification found inconsistent (0 when all matched).",
         )
         .unwrap();
         let rows_applied = IntCounterVec::new(
@@ -273,6 +277,12 @@ impl Metrics {
         )
         .unwrap();
         reg(Box::new(copying.clone()));
+        let last_verified = IntGauge::new(
+            LAST_VERIFIED,
+            "Unix time of the last verification that completed (0: none yet).",
+        )
+        .unwrap();
+        reg(Box::new(last_verified.clone()));
         let slot_retained_wal_bytes = IntGauge::new(
             SLOT_RETAINED_WAL_BYTES,
             "WAL the slot keeps on the monolith (pg_current_wal_lsn() - restart_lsn), bytes.",
@@ -364,6 +374,7 @@ impl Metrics {
             target_stuck_seconds,
             lag_bytes,
             copying,
+            last_verified,
             slot_retained_wal_bytes,
             apply_batch_seconds,
             target_state,

@@ -180,3 +180,46 @@ async fn verify_finds_orphans_of_a_foreign_key_that_now_crosses_services() {
     assert!(!out.contains("zq"));
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_verifies_periodically_and_drives_the_inconsistency_metric() {
+    let env = Env::new(
+        "CREATE TABLE patients (id bigint PRIMARY KEY, name text);
+         INSERT INTO patients SELECT g, 'zq' FROM generate_series(1, 500) g;",
+        &[("clinic", &["patients"])],
+    )
+    .await;
+    env.target("clinic")
+        .await
+        .batch_execute("TRUNCATE patients")
+        .await
+        .unwrap();
+    let daemon = start_daemon(&format!("{}\n[verify]\ninterval_secs = 1\n", env.config()));
+    env.wait_slot().await;
+    env.wait_equal("clinic", "patients").await;
+    crate::common::wait_until("a verification", Duration::from_secs(60), || async {
+        crate::common::metric(&daemon, "migration_last_verified_timestamp_seconds", &[]) > 0.0
+    })
+    .await;
+    assert_eq!(
+        crate::common::metric(&daemon, "data_inconsistency_detected", &[]),
+        0.0
+    );
+    env.target("clinic")
+        .await
+        .batch_execute("DELETE FROM patients WHERE id = 9")
+        .await
+        .unwrap();
+    crate::common::wait_until(
+        "the inconsistency seen",
+        Duration::from_secs(60),
+        || async { crate::common::metric(&daemon, "data_inconsistency_detected", &[]) == 1.0 },
+    )
+    .await;
+    let (_, health) = daemon.obs.health.report();
+    assert_eq!(
+        health["verification"]["inconsistent"][0], "public.patients at clinic",
+        "{health}"
+    );
+    daemon.stop().await;
+}

@@ -4,6 +4,7 @@
 pub mod periodic;
 pub mod slot;
 pub mod startup;
+pub mod verifier;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -221,6 +222,15 @@ async fn run_inner(
         )
         .run(reloads),
     );
+    let verifier = settings.verify_every.map(|every| {
+        tokio::spawn(verifier::run(
+            settings.clone(),
+            every,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ))
+    });
     // A failed copy stops the daemon (its state says what failed; the next start copies again).
     let copy_failed = Arc::new(std::sync::Mutex::new(None));
     let copy_task = online.map(|o| {
@@ -264,6 +274,9 @@ async fn run_inner(
     };
     shutdown.cancel();
     let _ = periodic.await;
+    if let Some(v) = verifier {
+        v.abort();
+    }
     if let Some(t) = copy_task {
         let _ = tokio::time::timeout_at(deadline, t).await;
     }

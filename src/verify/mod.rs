@@ -396,23 +396,30 @@ async fn wait_confirmed(slot_reader: &Client, slot: &str, p: Lsn) -> Result<(), 
 }
 
 /// Reads the source under a snapshot, then the target once it holds everything before the
-/// snapshot's position.
-async fn both<T>(
-    sides: &Sides,
-    t: &TableName,
-    read: impl AsyncFn(&Client) -> Result<T, tokio_postgres::Error>,
-) -> Result<(T, T), String> {
-    let e = |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
-    let p = sides.snapshot().await.map_err(|x| e("source", x))?;
-    let a = read(&sides.source).await.map_err(|x| e("source", x))?;
-    sides
-        .source
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|x| e("source", x))?;
-    sides.wait_applied(p).await?;
-    let b = read(&sides.target).await.map_err(|x| e("target", x))?;
-    Ok((a, b))
+/// snapshot's position: `both!(sides, table, |client| read(client))` gives `(source, target)`.
+macro_rules! both {
+    ($sides:expr, $t:expr, |$c:ident| $read:expr) => {{
+        let sides: &Sides = $sides;
+        let t: &TableName = $t;
+        let e =
+            |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
+        let p = sides.snapshot().await.map_err(|x| e("source", x))?;
+        let a = {
+            let $c = &sides.source;
+            $read.await.map_err(|x| e("source", x))?
+        };
+        sides
+            .source
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|x| e("source", x))?;
+        sides.wait_applied(p).await?;
+        let b = {
+            let $c = &sides.target;
+            $read.await.map_err(|x| e("target", x))?
+        };
+        (a, b)
+    }};
 }
 
 /// Compares a range; `Some` (source rows, target rows) when it differs.
@@ -422,7 +429,7 @@ async fn compare_range(
     shape: &Shape,
     r: Range,
 ) -> Result<Option<(i64, i64)>, String> {
-    let (a, b) = both(sides, t, async |c| checksum(c, t, shape, r).await).await?;
+    let (a, b) = both!(sides, t, |c| checksum(c, t, shape, r));
     Ok((a != b).then_some((a.0, b.0)))
 }
 
@@ -431,7 +438,7 @@ type Keys = (Vec<String>, Vec<String>, Vec<String>);
 
 /// Compares rows one by one at one known position.
 async fn narrow(sides: &Sides, t: &TableName, shape: &Shape, which: &Rows) -> Result<Keys, String> {
-    let (a, b) = both(sides, t, async |c| rows(c, t, shape, which).await).await?;
+    let (a, b) = both!(sides, t, |c| rows(c, t, shape, which));
     let keyed = shape.key_text.is_some();
     let (mut missing, mut extra, mut different) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (h, n)) in &a {
@@ -569,10 +576,9 @@ async fn verify_table(sides: &Sides, t: &TableName) -> Result<TableDiff, String>
     }
     // Whole counts, at one known position.
     let q = format!("SELECT count(*) FROM ONLY {}", t.quoted());
-    (diff.source_rows, diff.target_rows) = both(sides, t, async |c| {
+    (diff.source_rows, diff.target_rows) = both!(sides, t, |c| async {
         c.query_one(&q, &[]).await.map(|r| r.get::<_, i64>(0))
-    })
-    .await?;
+    });
     if diff.counts == (0, 0, 0) {
         // Rows moved between the two counts; the ranges agreed.
         diff.target_rows = diff.source_rows;
@@ -645,23 +651,7 @@ pub async fn run(
     if only_table.is_none() && only_target.is_none() {
         let src = connect(&settings.source, "source").await?;
         let slot_reader = connect(&settings.source, "source").await?;
-        let by_name = async |name: &str| {
-            let t = settings
-                .targets
-                .iter()
-                .find(|t| t.name == name)
-                .ok_or_else(|| format!("no target {name}"))?;
-            connect(&t.conn, &format!("target {name}")).await
-        };
-        let wait = async || {
-            let p: String = slot_reader
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(|e| format!("source: {}", safe_pg_error(&e)))?
-                .get(0);
-            wait_confirmed(&slot_reader, &settings.slot, p.parse().unwrap_or(Lsn::ZERO)).await
-        };
-        report.orphans = orphans::check(settings, &src, by_name, wait).await?;
+        report.orphans = orphans::check(settings, &src, &slot_reader).await?;
         report.relationships_checked = true;
     }
     Ok(report)

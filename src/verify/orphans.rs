@@ -99,13 +99,37 @@ async fn missing_in_parent(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Checks every cross-service relationship. `wait` waits until every target holds everything
-/// the source has now (used between re-checks).
+/// Connects to target `name`.
+async fn target(settings: &Settings, name: &str) -> Result<Client, String> {
+    let t = settings
+        .targets
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| format!("no target {name}"))?;
+    super::connect(&t.conn, &format!("target {name}")).await
+}
+
+/// Waits until every target holds everything the source has now.
+async fn wait(settings: &Settings, slot_reader: &Client) -> Result<(), String> {
+    let p: String = slot_reader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| format!("source: {}", safe_pg_error(&e)))?
+        .get(0);
+    super::wait_confirmed(
+        slot_reader,
+        &settings.slot,
+        p.parse().unwrap_or(crate::lsn::Lsn::ZERO),
+    )
+    .await
+}
+
+/// Checks every cross-service relationship (`slot_reader`: a source connection outside any
+/// snapshot, for the slot's confirmed position).
 pub async fn check(
     settings: &Settings,
     src: &Client,
-    connect: impl AsyncFn(&str) -> Result<Client, String>,
-    wait: impl AsyncFn() -> Result<(), String>,
+    slot_reader: &Client,
 ) -> Result<Vec<Orphans>, String> {
     let e = |what: &str, x: tokio_postgres::Error| format!("{what}: {}", safe_pg_error(&x));
     let mut out = Vec::new();
@@ -126,8 +150,8 @@ pub async fn check(
             continue; // the parent is not routed: nothing to compare with
         };
         for child_target in child_owners.iter().filter(|t| !parent_owners.contains(t)) {
-            let cdb = connect(child_target).await?;
-            let pdb = connect(parent_target).await?;
+            let cdb = target(settings, child_target).await?;
+            let pdb = target(settings, parent_target).await?;
             let mut candidates: Vec<String> = Vec::new();
             let mut last: Option<String> = None;
             loop {
@@ -165,7 +189,7 @@ pub async fn check(
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
-                wait().await?;
+                wait(settings, slot_reader).await?;
                 let still_child: Vec<String> = cdb
                     .query(
                         &format!(
