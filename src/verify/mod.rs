@@ -41,8 +41,8 @@ use crate::tls::TlsConnector;
 const RANGE_ROWS: i64 = 20_000;
 /// A mismatched range of at most this many rows is compared row by row.
 const NARROW_ROWS: i64 = 2_000;
-/// Comparisons of a range that differs before the difference is reported.
-const ATTEMPTS: u32 = 4;
+/// Comparisons of rows that differ before the difference is reported.
+const ATTEMPTS: u32 = 3;
 /// Keys listed per kind of difference (the counts are always whole).
 const SAMPLE: usize = 20;
 
@@ -512,7 +512,8 @@ async fn narrow_persistent(
         if m.is_empty() && x.is_empty() && d.is_empty() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt + 1))).await;
+        // Each look waits for a fresh confirmed position anyway; a short pause spaces them.
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
         let mut keys: Vec<String> = m.iter().chain(&x).chain(&d).cloned().collect();
         keys.sort();
         keys.dedup();
