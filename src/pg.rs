@@ -99,6 +99,15 @@ pub async fn connect(conn: &ConnInfo, tls: &TlsConnector) -> Result<Client, toki
     Ok(client)
 }
 
+/// Opens a normal SQL connection to `conn`, building its TLS settings first; errors are one
+/// line naming `what` (`source`, `target billing`) and never a value.
+pub async fn open(conn: &ConnInfo, what: &str) -> Result<Client, String> {
+    let tls = TlsConnector::new(conn).map_err(|e| format!("{what}: {e}"))?;
+    connect(conn, &tls)
+        .await
+        .map_err(|e| format!("{what}: connect: {}", safe_pg_error(&e)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

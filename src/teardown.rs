@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use crate::config::Settings;
 use crate::pg::{quote_ident, safe_pg_error};
-use crate::tls::TlsConnector;
 
 /// What teardown did, line by line, and whether it refused.
 #[derive(Debug, Default)]
@@ -33,10 +32,7 @@ const TARGET_TABLES: &[&str] = &[
 /// a value.
 pub async fn run(settings: &Settings, targets: bool, force: bool) -> Result<Report, String> {
     let mut report = Report::default();
-    let tls = TlsConnector::new(&settings.source).map_err(|e| format!("source: {e}"))?;
-    let src = crate::pg::connect(&settings.source, &tls)
-        .await
-        .map_err(|e| format!("source: connect: {}", safe_pg_error(&e)))?;
+    let src = crate::pg::open(&settings.source, "source").await?;
     let err =
         |what: &str, e: tokio_postgres::Error| format!("source: {what}: {}", safe_pg_error(&e));
     let slot = &settings.slot;
@@ -136,10 +132,7 @@ async fn clear_target(
     system_id: &str,
     slot: &str,
 ) -> Result<String, String> {
-    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-    let mut client = crate::pg::connect(&t.conn, &tls)
-        .await
-        .map_err(|e| format!("target {}: connect: {}", t.name, safe_pg_error(&e)))?;
+    let mut client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
     let err = |e: tokio_postgres::Error| format!("target {}: {}", t.name, safe_pg_error(&e));
     let tx = client.transaction().await.map_err(err)?;
     let mut removed = 0u64;

@@ -13,7 +13,6 @@ use crate::config::Settings;
 use crate::pg::safe_pg_error;
 use crate::route::Router;
 use crate::table::TableName;
-use crate::tls::TlsConnector;
 
 /// Rows per second one copy stream sustains, for the estimate: measured by `cargo bench --bench
 /// copy` on a 2-core machine (2,000,000 rows in about 5.7 s).
@@ -262,8 +261,7 @@ pub async fn assess(
     }
     // Triggers and rules on the targets' owned tables.
     for t in &settings.targets {
-        let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-        let Ok(client) = crate::pg::connect(&t.conn, &tls).await else {
+        let Ok(client) = crate::pg::open(&t.conn, &format!("target {}", t.name)).await else {
             continue; // unreachable: reported as a problem already
         };
         for table in &t.tables {

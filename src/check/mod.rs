@@ -203,10 +203,7 @@ pub async fn run(settings: &Settings, with_assessment: bool) -> Result<Report, S
         if let Some(s) = &source {
             r.problems.extend(problems(t, &inspected.facts, &s.columns));
         }
-        let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-        let client = crate::pg::connect(&t.conn, &tls)
-            .await
-            .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+        let client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
         let terr = |e: tokio_postgres::Error| format!("target {}: {}", t.name, safe_pg_error(&e));
         for table in &t.tables {
             let missing: Option<String> = client

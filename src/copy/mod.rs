@@ -189,10 +189,7 @@ fn key(run: &CopyRun<'_>, target: usize) -> ProgressKey {
 
 async fn connect_target(run: &CopyRun<'_>, target: usize) -> Result<Client, String> {
     let t = &run.settings.targets[target];
-    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-    let client = crate::pg::connect(&t.conn, &tls)
-        .await
-        .map_err(|e| format!("target {}: connect: {}", t.name, safe_pg_error(&e)))?;
+    let client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
     client
         .batch_execute(SESSION_SQL)
         .await
@@ -717,10 +714,7 @@ fn p_rows(counter: &Arc<AtomicU64>) -> u64 {
 
 /// Marks a target's copied tables streaming: the stream takes them from here.
 pub async fn mark_streaming(t: &crate::config::Target, key: &ProgressKey) -> Result<(), String> {
-    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-    let client = crate::pg::connect(&t.conn, &tls)
-        .await
-        .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+    let client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
     client
         .execute(
             state::STREAMING_SQL,

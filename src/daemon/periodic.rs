@@ -83,9 +83,9 @@ impl Periodic {
     fn reload(&mut self, path: &std::path::Path) {
         let new = match super::load_settings(path) {
             Ok(n) => n,
-            Err(e) => {
+            Err(problems) => {
                 tracing::error!(
-                    "reload: {} rejected, the running config stays: {e:#}",
+                    "reload: {} rejected, the running config stays: {problems:#}",
                     path.display()
                 );
                 return;

@@ -312,10 +312,7 @@ async fn read_copy_state(
         &format!("read copy state of target {}", t.name),
         shutdown,
         || async {
-            let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-            let client = crate::pg::connect(&t.conn, &tls)
-                .await
-                .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))?;
+            let client = target_client(t).await?;
             crate::copy::state::read(&client, &key, &t.tables)
                 .await
                 .map_err(|e| format!("target {}: read copy state: {}", t.name, safe_pg_error(&e)))
@@ -325,10 +322,7 @@ async fn read_copy_state(
 }
 
 async fn target_client(t: &Target) -> Result<tokio_postgres::Client, String> {
-    let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-    crate::pg::connect(&t.conn, &tls)
-        .await
-        .map_err(|e| format!("target {}: {}", t.name, safe_pg_error(&e)))
+    crate::pg::open(&t.conn, &format!("target {}", t.name)).await
 }
 
 /// Creates the copy state tables on a target and records what the plan settled without a

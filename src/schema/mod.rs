@@ -19,7 +19,6 @@ use catalog::{SourceTable, TargetTable, UserType};
 use crate::config::Settings;
 use crate::pg::{quote_ident, quote_literal, safe_pg_error};
 use crate::table::TableName;
-use crate::tls::TlsConnector;
 
 /// What `schema` does on one target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -308,10 +307,7 @@ CREATE TABLE IF NOT EXISTS pgcarve.schema_pending (
 /// transaction per target. Errors name the target and the statement's first line.
 pub async fn finish_pending(settings: &Settings) -> Result<(), String> {
     for t in &settings.targets {
-        let tls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-        let mut client = crate::pg::connect(&t.conn, &tls)
-            .await
-            .map_err(|e| format!("target {}: connect: {}", t.name, safe_pg_error(&e)))?;
+        let mut client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
         let err = |e: tokio_postgres::Error| format!("target {}: {}", t.name, safe_pg_error(&e));
         let exists: bool = client
             .query_one(
@@ -355,10 +351,7 @@ pub async fn finish_pending(settings: &Settings) -> Result<(), String> {
 /// Reads the source and every target, plans, and (with no difference anywhere) creates what is
 /// missing. Errors (unreachable databases, refused DDL) are returned as text without values.
 pub async fn run(settings: &Settings, mode: Mode) -> Result<Outcome, String> {
-    let tls = TlsConnector::new(&settings.source).map_err(|e| format!("source: {e}"))?;
-    let src = crate::pg::connect(&settings.source, &tls)
-        .await
-        .map_err(|e| format!("source: connect: {}", safe_pg_error(&e)))?;
+    let src = crate::pg::open(&settings.source, "source").await?;
     let mut owner_of: HashMap<TableName, Vec<String>> = HashMap::new();
     for t in &settings.targets {
         for table in &t.tables {
@@ -380,10 +373,7 @@ pub async fn run(settings: &Settings, mode: Mode) -> Result<Outcome, String> {
     let mut clients = Vec::new();
     let mut outcome = Outcome::default();
     for t in &settings.targets {
-        let ttls = TlsConnector::new(&t.conn).map_err(|e| format!("targets.{}: {e}", t.name))?;
-        let client = crate::pg::connect(&t.conn, &ttls)
-            .await
-            .map_err(|e| format!("target {}: connect: {}", t.name, safe_pg_error(&e)))?;
+        let client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
         let err = |e: tokio_postgres::Error| format!("target {}: {}", t.name, safe_pg_error(&e));
         let mut facts = TargetFacts::default();
         for table in &t.tables {

@@ -35,7 +35,6 @@ use crate::config::{Settings, Target};
 use crate::lsn::Lsn;
 use crate::pg::{quote_ident, safe_pg_error};
 use crate::table::TableName;
-use crate::tls::TlsConnector;
 
 /// Rows per key range compared at once.
 const RANGE_ROWS: i64 = 20_000;
@@ -663,10 +662,7 @@ async fn verify_table(sides: &Sides, t: &TableName) -> Result<TableDiff, String>
 }
 
 async fn connect(c: &crate::conninfo::ConnInfo, what: &str) -> Result<Client, String> {
-    let tls = TlsConnector::new(c).map_err(|e| format!("{what}: {e}"))?;
-    let client = crate::pg::connect(c, &tls)
-        .await
-        .map_err(|e| format!("{what}: connect: {}", safe_pg_error(&e)))?;
+    let client = crate::pg::open(c, what).await?;
     client
         .batch_execute(SESSION_SQL)
         .await
