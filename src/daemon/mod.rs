@@ -204,7 +204,7 @@ async fn run_inner(
         tasks.push(t.worker.spawn(rx));
         links.push(
             TargetLink::new(t.name, tx, t.status, committed)
-                .with_copied_at(copied_at.next().unwrap_or_default())
+                .with_copied_at(copied_at.next().unwrap_or_default(), started.confirmed)
                 .with_hold(holds.next().flatten()),
         );
     }

@@ -136,9 +136,20 @@ impl TargetLink {
         }
     }
 
-    /// Sets the tables whose copy holds every transaction that committed before a position.
-    pub fn with_copied_at(mut self, copied_at: HashMap<TableName, Lsn>) -> TargetLink {
-        self.copied_at = copied_at;
+    /// Sets the tables whose copy holds every transaction that committed before a position,
+    /// for a stream that starts at `stream_start`. A copy consistent with a position at or
+    /// before it filters nothing (every transaction streamed commits after it), so only later
+    /// ones are kept: after the first start the map is empty, and routing a change costs no
+    /// lookup.
+    pub fn with_copied_at(
+        mut self,
+        copied_at: HashMap<TableName, Lsn>,
+        stream_start: Lsn,
+    ) -> TargetLink {
+        self.copied_at = copied_at
+            .into_iter()
+            .filter(|(_, at)| *at > stream_start)
+            .collect();
         self
     }
 
