@@ -88,6 +88,13 @@ pub enum Command {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
+        /// Rows per compared range (overrides `verify.range_rows`).
+        #[arg(long)]
+        range_rows: Option<u64>,
+        /// Upper bound on rows read per second from each side, 0 for none (overrides
+        /// `verify.rows_per_second`).
+        #[arg(long)]
+        rows_per_second: Option<u64>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
         format: ReportFormat,

@@ -192,14 +192,35 @@ fn default_copy_chunk_rows() -> u64 {
     500_000
 }
 
-/// `[verify]`: periodic verification while running (the `verify` command's comparison).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `[verify]`: how `pgcarve verify` compares, and periodic verification while running.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyConfig {
     /// Seconds between verifications of every routed table and cross-service relationship;
     /// 0 (the default) turns it off. Each run reads the whole monolith once, range by range.
     #[serde(default)]
     pub interval_secs: f64,
+    /// Rows per compared range (key range or hash bucket): a range that differs is narrowed
+    /// from this size down to single rows.
+    #[serde(default = "default_verify_range_rows")]
+    pub range_rows: u64,
+    /// Upper bound on rows read per second from each side, on average; 0: no limit.
+    #[serde(default)]
+    pub rows_per_second: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            interval_secs: 0.0,
+            range_rows: default_verify_range_rows(),
+            rows_per_second: 0,
+        }
+    }
+}
+
+fn default_verify_range_rows() -> u64 {
+    20_000
 }
 
 /// `[metrics]`.
@@ -312,6 +333,8 @@ pub struct Settings {
     pub retained_wal_warn_bytes: u64,
     /// Periodic verification interval (`None`: off).
     pub verify_every: Option<std::time::Duration>,
+    /// How verification compares (range size, rate).
+    pub verify: VerifyConfig,
     /// The file as parsed (what a reload compares against).
     pub raw: Config,
 }
@@ -492,6 +515,18 @@ impl Config {
                 "verify.interval_secs = {vi}: 0 (off) or between 1 and 604800"
             ));
         }
+        if !(100..=10_000_000).contains(&self.verify.range_rows) {
+            problems.push(format!(
+                "verify.range_rows = {}: between 100 and 10000000",
+                self.verify.range_rows
+            ));
+        }
+        if self.verify.rows_per_second != 0 && self.verify.rows_per_second < 100 {
+            problems.push(format!(
+                "verify.rows_per_second = {}: 0 (no limit) or at least 100",
+                self.verify.rows_per_second
+            ));
+        }
         let hb = self.source.heartbeat_secs;
         if !(hb == 0.0 || (1.0..=3600.0).contains(&hb)) {
             problems.push(format!(
@@ -540,6 +575,7 @@ impl Config {
                     .then(|| std::time::Duration::from_secs_f64(hb.clamp(1.0, 3600.0))),
                 retained_wal_warn_bytes: self.source.retained_wal_warn_bytes,
                 verify_every: (vi > 0.0).then(|| std::time::Duration::from_secs_f64(vi)),
+                verify: self.verify.clone(),
                 raw: self.clone(),
             }),
             _ => Err(ConfigError(problems)),

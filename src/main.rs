@@ -55,8 +55,18 @@ fn main() -> ExitCode {
         Command::Verify {
             ref table,
             ref target,
+            range_rows,
+            rows_per_second,
             format,
-        } => return verify(&cli.config, table.as_deref(), target.as_deref(), format),
+        } => {
+            return verify(
+                &cli.config,
+                table.as_deref(),
+                target.as_deref(),
+                (range_rows, rows_per_second),
+                format,
+            )
+        }
         _ => {}
     }
     let result = match cli.command {
@@ -146,24 +156,41 @@ fn verify(
     config: &std::path::Path,
     table: Option<&str>,
     target: Option<&str>,
+    (range_rows, rows_per_second): (Option<u64>, Option<u64>),
     format: pgcarve::cli::ReportFormat,
 ) -> ExitCode {
-    report_exit(pgcarve::daemon::load_settings(config).and_then(|settings| {
-        let table = match table {
-            Some(t) => Some(pgcarve::table::TableName::parse(t).ok_or_else(|| {
-                anyhow::anyhow!("--table {t:?} is not a table name (use table or schema.table)")
-            })?),
-            None => None,
-        };
-        let r = runtime(1)?
-            .block_on(pgcarve::verify::run(&settings, table.as_ref(), target))
-            .map_err(anyhow::Error::msg)?;
-        let text = match format {
-            pgcarve::cli::ReportFormat::Json => format!("{}\n", r.json()),
-            pgcarve::cli::ReportFormat::Human => r.text(),
-        };
-        Ok((text, r.differs()))
-    }))
+    report_exit(
+        pgcarve::daemon::load_settings(config).and_then(|mut settings| {
+            if let Some(n) = range_rows {
+                anyhow::ensure!(
+                    (100..=10_000_000).contains(&n),
+                    "--range-rows {n}: between 100 and 10000000"
+                );
+                settings.verify.range_rows = n;
+            }
+            if let Some(n) = rows_per_second {
+                anyhow::ensure!(
+                    n == 0 || n >= 100,
+                    "--rows-per-second {n}: 0 (no limit) or at least 100"
+                );
+                settings.verify.rows_per_second = n;
+            }
+            let table = match table {
+                Some(t) => Some(pgcarve::table::TableName::parse(t).ok_or_else(|| {
+                    anyhow::anyhow!("--table {t:?} is not a table name (use table or schema.table)")
+                })?),
+                None => None,
+            };
+            let r = runtime(1)?
+                .block_on(pgcarve::verify::run(&settings, table.as_ref(), target))
+                .map_err(anyhow::Error::msg)?;
+            let text = match format {
+                pgcarve::cli::ReportFormat::Json => format!("{}\n", r.json()),
+                pgcarve::cli::ReportFormat::Human => r.text(),
+            };
+            Ok((text, r.differs()))
+        }),
+    )
 }
 
 /// `pgcarve status`: 0 healthy or degraded, 1 failed, 2 not reachable.

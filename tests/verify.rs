@@ -80,6 +80,30 @@ async fn verify_finds_each_injected_difference_by_key_and_nothing_else() {
     }
     assert!(!out.contains("zq"), "values in the report:\n{out}");
 
+    // Small ranges read a slice at a time under a rate limit: the same differences, and the
+    // keyless table compared bucket by bucket.
+    let (code, out2) = pgcarve_command(
+        &env,
+        &[
+            "verify",
+            "--range-rows",
+            "100",
+            "--rows-per-second",
+            "40000",
+        ],
+    );
+    assert_eq!(code, 1, "{out2}");
+    assert_eq!(
+        out2, out,
+        "small ranges and a rate limit changed the report"
+    );
+    let (code, out) = pgcarve_command(&env, &["verify", "--range-rows", "5"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("--range-rows 5: between 100 and 10000000"),
+        "{out}"
+    );
+
     // Narrowed, as JSON.
     let (code, out) = pgcarve_command(
         &env,
@@ -221,5 +245,75 @@ async fn the_daemon_verifies_periodically_and_drives_the_inconsistency_metric() 
         health["verification"]["inconsistent"][0], "public.patients at clinic",
         "{health}"
     );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_narrows_uuid_and_composite_keys_and_finds_orphans_of_a_composite_foreign_key() {
+    let env = Env::new(
+        "CREATE TABLE labs (id uuid PRIMARY KEY, result text);
+         CREATE TABLE visits (site text, visit_no int, note text, PRIMARY KEY (site, visit_no));
+         CREATE TABLE charges (id bigint PRIMARY KEY, site text, visit_no int, amount numeric);",
+        &[("clinical", &["labs", "visits"]), ("billing", &["charges"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute(
+        "ALTER TABLE charges ADD CONSTRAINT charges_visit_fk FOREIGN KEY (site, visit_no) REFERENCES visits;
+         INSERT INTO labs SELECT md5('l' || g)::uuid, 'zqresult' || g FROM generate_series(1, 5000) g;
+         INSERT INTO visits SELECT 's' || (g % 5 + 1), g / 5 + 1, 'zqnote' FROM generate_series(0, 4999) g;
+         INSERT INTO charges SELECT g, 's' || (g % 5 + 1), g % 1000 + 1, g FROM generate_series(1, 3000) g;
+         INSERT INTO charges VALUES (9000, NULL, 17, 1);",
+    )
+    .await
+    .unwrap();
+    let daemon = start_daemon(&env.config());
+    env.wait_slot().await;
+    for (t, table) in [
+        ("clinical", "labs"),
+        ("clinical", "visits"),
+        ("billing", "charges"),
+    ] {
+        env.wait_equal(t, table).await;
+    }
+    let (code, out) = pgcarve_command(&env, &["verify", "--range-rows", "500"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("cross-service relationships: no orphans"),
+        "{out}"
+    );
+
+    let keys = src
+        .query_one("SELECT md5('l7')::uuid::text, md5('l9')::uuid::text", &[])
+        .await
+        .unwrap();
+    let (gone, changed): (String, String) = (keys.get(0), keys.get(1));
+    env.target("clinical")
+        .await
+        .batch_execute(&format!(
+            "DELETE FROM labs WHERE id = '{gone}';
+             INSERT INTO labs VALUES ('00000000-0000-0000-0000-000000000001', 'zqextra');
+             UPDATE labs SET result = 'zqchanged' WHERE id = '{changed}';
+             DELETE FROM visits WHERE site = 's2' AND visit_no = 17;
+             UPDATE visits SET note = 'zqchanged' WHERE site = 's3' AND visit_no = 5;"
+        ))
+        .await
+        .unwrap();
+    let (code, out) = pgcarve_command(&env, &["verify", "--range-rows", "500"]);
+    assert_eq!(code, 1, "{out}");
+    for line in [
+        "target clinical: public.labs: DIFFERS: source 5000 rows, target 5000 rows; 1 missing, 1 extra, 1 different".to_string(),
+        format!("missing keys: {gone}"),
+        "extra keys: 00000000-0000-0000-0000-000000000001".to_string(),
+        format!("different keys: {changed}"),
+        "target clinical: public.visits: DIFFERS: source 5000 rows, target 4999 rows; 1 missing, 0 extra, 1 different".to_string(),
+        "missing keys: s2,17".to_string(),
+        "different keys: s3,5".to_string(),
+        "target billing: public.charges: identical (3001 rows)".to_string(),
+        "ORPHANS: public.charges(site, visit_no) at billing → public.visits(site, visit_no) at clinical (charges_visit_fk): 3 rows whose parent is missing; missing parent keys: (s2, 17)".to_string(),
+    ] {
+        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
+    }
+    assert!(!out.contains("zq"), "values in the report:\n{out}");
     daemon.stop().await;
 }

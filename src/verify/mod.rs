@@ -15,18 +15,29 @@
 //!
 //! # Checksums
 //!
-//! A range's checksum is the count of its rows and the sum of a 64-bit slice of each row's md5
-//! (over the row's text form, the routed columns in the source's order, with the same session
-//! settings on both sides as the copy uses): order-independent, so both sides can scan in any
-//! order. A table with a single-column integer key is split into key ranges; other tables are
-//! one range. A mismatched range of at most `NARROW_ROWS` rows is compared row by row: (key,
-//! md5) on both sides, or for a table without a key (REPLICA IDENTITY FULL) the multiset of row
-//! md5s with their counts.
+//! A range's checksum is the count of its rows and the exact sum of a 64-bit hash of each row
+//! (`hashtextextended` over the row's text form, the routed columns in the source's order, with
+//! the same session settings on both sides as the copy uses): order-independent, so both sides
+//! scan in any order, and cheap (an md5 per row costs more than the scan). The hash is
+//! PostgreSQL's own (stable across versions: hash partitioning depends on it) and byte-order
+//! dependent, so source and targets must share the byte order (every x86-64 and ARM64 server
+//! does).
+//!
+//! A table with a single-column integer key is split into key ranges of `verify.range_rows`
+//! rows: every range's checksum in one scan per side (or, under `verify.rows_per_second`, a
+//! slice of ranges at a time), then a range that differs is split again and finally compared
+//! row by row, by index range scans. Any other table is split into hash buckets of the key (or
+//! of the whole row, without a key): every bucket's checksum in one scan, then the rows of the
+//! buckets that differ, a bounded batch at a time. Row by row means (key, md5) on both sides,
+//! or for a table without a key (REPLICA IDENTITY FULL) the multiset of row md5s with their
+//! counts.
 
 pub mod orphans;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
+
+use crate::config::VerifyConfig;
 
 use serde_json::json;
 use tokio_postgres::Client;
@@ -36,10 +47,10 @@ use crate::lsn::Lsn;
 use crate::pg::{quote_ident, safe_pg_error};
 use crate::table::TableName;
 
-/// Rows per key range compared at once.
-const RANGE_ROWS: i64 = 20_000;
-/// A mismatched range of at most this many rows is compared row by row.
+/// A mismatched key range of at most this many rows is compared row by row.
 const NARROW_ROWS: i64 = 2_000;
+/// Rows of mismatched hash buckets compared row by row at once (bounds memory).
+const BUCKET_BATCH_ROWS: i64 = 100_000;
 /// Comparisons of rows that differ before the difference is reported.
 const ATTEMPTS: u32 = 3;
 /// Keys listed per kind of difference (the counts are always whole).
@@ -135,8 +146,9 @@ impl Report {
         }
         for o in &self.orphans {
             out.push_str(&format!(
-                "ORPHANS: {}.{} at {} → {}.{} at {} ({}): {} rows whose parent is missing; missing parent keys: {}\n",
-                o.child.0, o.child.1, o.child_target, o.parent.0, o.parent.1, o.parent_target,
+                "ORPHANS: {} at {} → {} at {} ({}): {} rows whose parent is missing; missing parent keys: {}\n",
+                orphans::columns_at(&o.child.0, &o.child.1), o.child_target,
+                orphans::columns_at(&o.parent.0, &o.parent.1), o.parent_target,
                 o.constraint, o.rows, o.missing.join(", ")
             ));
         }
@@ -164,8 +176,8 @@ impl Report {
             })).collect::<Vec<_>>(),
             "orphans": self.orphans.iter().map(|o| json!({
                 "constraint": o.constraint, "child_target": o.child_target,
-                "child": format!("{}.{}", o.child.0, o.child.1), "parent_target": o.parent_target,
-                "parent": format!("{}.{}", o.parent.0, o.parent.1), "rows": o.rows,
+                "child": orphans::columns_at(&o.child.0, &o.child.1), "parent_target": o.parent_target,
+                "parent": orphans::columns_at(&o.parent.0, &o.parent.1), "rows": o.rows,
                 "missing_parent_keys": o.missing,
             })).collect::<Vec<_>>(),
         })
@@ -179,6 +191,8 @@ struct Shape {
     columns: String,
     /// A single-column integer key, quoted.
     int_key: Option<String>,
+    /// A single-column key of any type: quoted, and its type.
+    single_key: Option<(String, String)>,
     /// The key columns as one text expression, quoted (none: no key, compared as a multiset).
     key_text: Option<String>,
 }
@@ -213,6 +227,10 @@ async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Err
         }
         _ => None,
     };
+    let single_key = match key.as_slice() {
+        [(name, ty)] => Some((quote_ident(name), ty.clone())),
+        _ => None,
+    };
     let key_text = (!key.is_empty()).then(|| {
         key.iter()
             .map(|(k, _)| format!("{}::text", quote_ident(k)))
@@ -226,6 +244,7 @@ async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Err
             .collect::<Vec<_>>()
             .join(", "),
         int_key,
+        single_key,
         key_text,
     })
 }
@@ -255,9 +274,8 @@ async fn checksum(
     let row = c
         .query_one(
             &format!(
-                "SELECT count(*), coalesce(sum(('x' || substr(md5(ROW({cols})::text), 1, 16))::bit(64)::bigint::numeric), 0)::text \
-                 FROM ONLY {t} WHERE {w}",
-                cols = shape.columns,
+                "SELECT count(*), {sum} FROM ONLY {t} WHERE {w}",
+                sum = row_sum(shape),
                 t = t.quoted(),
                 w = range_sql(shape, r)
             ),
@@ -267,33 +285,45 @@ async fn checksum(
     Ok((row.get(0), row.get(1)))
 }
 
-/// (count, checksum) of every range at once, one scan: ranges are numbered by
-/// `width_bucket` over their inner boundaries (0: the first, open below; the last is open
-/// above).
-async fn bucket_checksums(
+/// The checksum of a set of rows: the exact sum of each row's 64-bit hash, as text.
+fn row_sum(shape: &Shape) -> String {
+    format!(
+        "coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text",
+        shape.columns
+    )
+}
+
+/// A row's hash bucket under `modulus` (of the key, or of the whole row without one).
+fn bucket_expr(shape: &Shape, modulus: i64) -> String {
+    format!(
+        "((hashtextextended({}, 0) % {modulus}) + {modulus}) % {modulus}",
+        key_expr(shape)
+    )
+}
+
+/// `group` → (count, checksum) for every group of rows that `within` selects, in one scan.
+async fn group_checksums(
     c: &Client,
     t: &TableName,
     shape: &Shape,
-    key: &str,
-    inner: &[i64],
-) -> Result<HashMap<i32, (i64, String)>, tokio_postgres::Error> {
+    group: &str,
+    within: &str,
+) -> Result<HashMap<i64, (i64, String)>, tokio_postgres::Error> {
     let rows = c
         .query(
             &format!(
-                "SELECT width_bucket({key}::bigint, $1::bigint[]), count(*), \
-                        coalesce(sum(('x' || substr(md5(ROW({cols})::text), 1, 16))::bit(64)::bigint::numeric), 0)::text \
-                 FROM ONLY {t} GROUP BY 1",
-                cols = shape.columns,
+                "SELECT ({group})::bigint, count(*), {sum} FROM ONLY {t} WHERE {within} GROUP BY 1",
+                sum = row_sum(shape),
                 t = t.quoted(),
             ),
-            &[&inner],
+            &[],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| {
             (
-                r.get::<_, i32>(0),
+                r.get::<_, i64>(0),
                 (r.get::<_, i64>(1), r.get::<_, String>(2)),
             )
         })
@@ -305,6 +335,8 @@ async fn bucket_checksums(
 enum Rows {
     /// A key range.
     Range(Range),
+    /// These hash buckets under this modulus.
+    Buckets(i64, Vec<i64>),
     /// These keys (for a table without a key: these row hashes).
     Keys(Vec<String>),
 }
@@ -334,14 +366,25 @@ async fn rows(
     };
     let found = match which {
         Rows::Range(r) => c.query(&sql(&range_sql(shape, *r)), &[]).await?,
-        Rows::Keys(keys) => match &shape.int_key {
-            // The key's index finds them.
-            Some(k) => {
+        Rows::Buckets(m, buckets) => {
+            c.query(
+                &sql(&format!("{} = ANY($1::bigint[])", bucket_expr(shape, *m))),
+                &[buckets],
+            )
+            .await?
+        }
+        // A single-column key's index finds them.
+        Rows::Keys(keys) => match (&shape.int_key, &shape.single_key) {
+            (Some(k), _) => {
                 let ints: Vec<i64> = keys.iter().filter_map(|x| x.parse().ok()).collect();
                 c.query(&sql(&format!("{k} = ANY($1::bigint[])")), &[&ints])
                     .await?
             }
-            None => {
+            (None, Some((k, ty))) => {
+                c.query(&sql(&format!("{k} = ANY($1::text[]::{ty}[])")), &[keys])
+                    .await?
+            }
+            (None, None) => {
                 c.query(&sql(&format!("{key} = ANY($1::text[])")), &[keys])
                     .await?
             }
@@ -496,17 +539,17 @@ async fn narrow(sides: &Sides, t: &TableName, shape: &Shape, which: &Rows) -> Re
     Ok((missing, extra, different))
 }
 
-/// Compares a mismatched range row by row, then only the rows that differed, again, until they
+/// Compares mismatched rows row by row, then only the rows that differed, again, until they
 /// agree or `ATTEMPTS` comparisons said the same: rows the stream was still bringing (a key
 /// inserted after the source's snapshot, say) agree at the next look; a real difference stays.
 async fn narrow_persistent(
     sides: &Sides,
     t: &TableName,
     shape: &Shape,
-    r: Range,
+    which: Rows,
     diff: &mut TableDiff,
 ) -> Result<(), String> {
-    let (mut m, mut x, mut d) = narrow(sides, t, shape, &Rows::Range(r)).await?;
+    let (mut m, mut x, mut d) = narrow(sides, t, shape, &which).await?;
     for attempt in 0..ATTEMPTS {
         if m.is_empty() && x.is_empty() && d.is_empty() {
             break;
@@ -561,86 +604,59 @@ fn open_ends(mut r: Vec<Range>) -> Vec<Range> {
     r
 }
 
-/// Verifies one table at one target.
-async fn verify_table(sides: &Sides, t: &TableName) -> Result<TableDiff, String> {
-    let e = |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
-    let shape = shape(&sides.source, t).await.map_err(|x| e("source", x))?;
-    let mut diff = TableDiff::default();
-    // The ranges: the key's span in pieces, open at both ends so new keys are covered.
-    let mut span = (0i64, 0i64);
-    let ranges: Vec<Range> = match &shape.int_key {
-        Some(k) => {
-            let row = sides
-                .source
-                .query_one(
-                    &format!(
-                        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM ONLY {}",
-                        t.quoted()
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(|x| e("source", x))?;
-            let (lo, hi, n): (Option<i64>, Option<i64>, i64) = (row.get(0), row.get(1), row.get(2));
-            match (lo, hi) {
-                (Some(lo), Some(hi)) if n > NARROW_ROWS => {
-                    span = (lo, hi.saturating_add(1));
-                    open_ends(split(span, n / RANGE_ROWS + 1))
-                }
-                _ => vec![(None, None)],
-            }
-        }
-        None => vec![(None, None)],
-    };
-    // Many ranges: every range's checksum in one scan per side, then only the ranges that
-    // differ go on (each compared again on its own, split, or row by row).
-    let mut bucket_counts = None;
-    let mut work: Vec<Range> = match &shape.int_key {
-        Some(k) if ranges.len() > 1 => {
-            let inner: Vec<i64> = ranges.iter().skip(1).filter_map(|r| r.0).collect();
-            let (a, b) = both!(sides, t, |c| bucket_checksums(c, t, &shape, k, &inner));
-            bucket_counts = Some((
-                a.values().map(|v| v.0).sum::<i64>(),
-                b.values().map(|v| v.0).sum::<i64>(),
-            ));
-            ranges
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| {
-                    let i = *i as i32;
-                    a.get(&i) != b.get(&i)
-                })
-                .map(|(_, r)| *r)
-                .collect()
-        }
-        _ => ranges,
-    };
-    while let Some(r) = work.pop() {
-        // A range that differs is split or compared row by row at once: the row-level
-        // comparison re-checks what differs, so rows still in flight are not reported.
-        let differs = compare_range(sides, t, &shape, r).await?;
-        let Some((na, nb)) = differs else { continue };
-        let small = na.max(nb) <= NARROW_ROWS || shape.int_key.is_none();
-        // An open end stands for the key's span on that side.
-        let bounded = (r.0.unwrap_or(span.0), r.1.unwrap_or(span.1));
-        match (small, r) {
-            (false, _) if bounded.1 - bounded.0 > 1 => {
-                let mut parts = split(bounded, 10);
-                if r.0.is_none() {
-                    parts[0].0 = None;
-                }
-                if r.1.is_none() {
-                    if let Some(last) = parts.last_mut() {
-                        last.1 = None;
-                    }
-                }
-                work.extend(parts)
-            }
-            _ => narrow_persistent(sides, t, &shape, r, &mut diff).await?,
+/// Keeps reads under `verify.rows_per_second` on average (0: no limit).
+struct Pace {
+    rate: u64,
+    start: Instant,
+    rows: u64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        Pace {
+            rate,
+            start: Instant::now(),
+            rows: 0,
         }
     }
+
+    /// After reading `rows` rows (from each side): waits until the average is back under the
+    /// rate.
+    async fn read(&mut self, rows: i64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.rows += rows.max(0) as u64;
+        let due = self.start + Duration::from_secs_f64(self.rows as f64 / self.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+
+    /// Ranges read per scan: all at once without a limit, else about a second's worth.
+    fn ranges_per_scan(&self, range_rows: u64) -> usize {
+        match self.rate {
+            0 => usize::MAX,
+            r => (r / range_rows.max(1)).max(1) as usize,
+        }
+    }
+}
+
+/// Verifies one table at one target.
+async fn verify_table(
+    sides: &Sides,
+    t: &TableName,
+    opts: &VerifyConfig,
+    pace: &mut Pace,
+) -> Result<TableDiff, String> {
+    let e = |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
+    let shape = shape(&sides.source, t).await.map_err(|x| e("source", x))?;
+    let range_rows = opts.range_rows.max(1) as i64;
+    let mut diff = TableDiff::default();
+    let counts = match shape.int_key.clone() {
+        Some(k) => verify_key_ranges(sides, t, &shape, &k, range_rows, pace, &mut diff).await?,
+        None => verify_buckets(sides, t, &shape, range_rows, pace, &mut diff).await?,
+    };
     // Whole counts, at one known position (the one scan's, when nothing differed).
-    match bucket_counts {
+    match counts {
         Some(counts) if work_was_clean(&diff) => (diff.source_rows, diff.target_rows) = counts,
         _ => {
             let q = format!("SELECT count(*) FROM ONLY {}", t.quoted());
@@ -659,6 +675,175 @@ async fn verify_table(sides: &Sides, t: &TableName) -> Result<TableDiff, String>
         l.truncate(SAMPLE);
     }
     Ok(diff)
+}
+
+/// A table with a single-column integer key `k`: key ranges, narrowed by index range scans.
+/// Returns both sides' whole counts when every range was read in one scan at one position.
+async fn verify_key_ranges(
+    sides: &Sides,
+    t: &TableName,
+    shape: &Shape,
+    k: &str,
+    range_rows: i64,
+    pace: &mut Pace,
+    diff: &mut TableDiff,
+) -> Result<Option<(i64, i64)>, String> {
+    let e = |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
+    // The ranges: the key's span in pieces, open at both ends so new keys are covered.
+    let mut span = (0i64, 0i64);
+    let row = sides
+        .source
+        .query_one(
+            &format!(
+                "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM ONLY {}",
+                t.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(|x| e("source", x))?;
+    let (lo, hi, n): (Option<i64>, Option<i64>, i64) = (row.get(0), row.get(1), row.get(2));
+    let ranges = match (lo, hi) {
+        (Some(lo), Some(hi)) if n > NARROW_ROWS => {
+            span = (lo, hi.saturating_add(1));
+            open_ends(split(span, n / range_rows + 1))
+        }
+        _ => vec![(None, None)],
+    };
+    // Many ranges: the checksums of a slice of ranges (all of them without a rate limit) in
+    // one scan per side, then only the ranges that differ go on (each compared again on its
+    // own, split, or row by row).
+    let per_scan = pace.ranges_per_scan(range_rows as u64);
+    let one_scan = ranges.len() > 1 && per_scan >= ranges.len();
+    let mut whole_counts = None;
+    let mut work: Vec<Range> = Vec::new();
+    for slice in ranges.chunks(per_scan.min(ranges.len()).max(1)) {
+        if slice.len() == 1 {
+            work.push(slice[0]);
+            continue;
+        }
+        let inner: Vec<String> = slice
+            .iter()
+            .skip(1)
+            .filter_map(|r| r.0)
+            .map(|x| x.to_string())
+            .collect();
+        let group = format!(
+            "width_bucket({k}::bigint, '{{{}}}'::bigint[])",
+            inner.join(",")
+        );
+        let within = range_sql(shape, (slice[0].0, slice[slice.len() - 1].1));
+        let (a, b) = both!(sides, t, |c| group_checksums(c, t, shape, &group, &within));
+        let counts = (
+            a.values().map(|v| v.0).sum::<i64>(),
+            b.values().map(|v| v.0).sum::<i64>(),
+        );
+        if one_scan {
+            whole_counts = Some(counts);
+        }
+        work.extend(
+            slice
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| a.get(&(*i as i64)) != b.get(&(*i as i64)))
+                .map(|(_, r)| *r),
+        );
+        pace.read(counts.0.max(counts.1)).await;
+    }
+    while let Some(r) = work.pop() {
+        // A range that differs is split or compared row by row at once: the row-level
+        // comparison re-checks what differs, so rows still in flight are not reported.
+        let differs = compare_range(sides, t, shape, r).await?;
+        pace.read(differs.map_or(0, |(a, b)| a.max(b))).await;
+        let Some((na, nb)) = differs else { continue };
+        let small = na.max(nb) <= NARROW_ROWS;
+        // An open end stands for the key's span on that side.
+        let bounded = (r.0.unwrap_or(span.0), r.1.unwrap_or(span.1));
+        match (small, r) {
+            (false, _) if bounded.1 - bounded.0 > 1 => {
+                let mut parts = split(bounded, 10);
+                if r.0.is_none() {
+                    parts[0].0 = None;
+                }
+                if r.1.is_none() {
+                    if let Some(last) = parts.last_mut() {
+                        last.1 = None;
+                    }
+                }
+                work.extend(parts)
+            }
+            _ => narrow_persistent(sides, t, shape, Rows::Range(r), diff).await?,
+        }
+    }
+    Ok(whole_counts)
+}
+
+/// Any other table: hash buckets of the key (of the whole row without one), every bucket's
+/// checksum in one scan per side, then the rows of the buckets that differ, in batches of at
+/// most `BUCKET_BATCH_ROWS`. Returns both sides' whole counts (read at one position).
+async fn verify_buckets(
+    sides: &Sides,
+    t: &TableName,
+    shape: &Shape,
+    range_rows: i64,
+    pace: &mut Pace,
+    diff: &mut TableDiff,
+) -> Result<Option<(i64, i64)>, String> {
+    let e = |side: &str, e: tokio_postgres::Error| format!("{side}: {t}: {}", safe_pg_error(&e));
+    let n: i64 = sides
+        .source
+        .query_one(&format!("SELECT count(*) FROM ONLY {}", t.quoted()), &[])
+        .await
+        .map_err(|x| e("source", x))?
+        .get(0);
+    let modulus = (n / range_rows + 1).max(1);
+    let group = bucket_expr(shape, modulus);
+    let (a, b) = both!(sides, t, |c| group_checksums(c, t, shape, &group, "true"));
+    let counts = (
+        a.values().map(|v| v.0).sum::<i64>(),
+        b.values().map(|v| v.0).sum::<i64>(),
+    );
+    pace.read(counts.0.max(counts.1)).await;
+    let mut differing: Vec<(i64, i64)> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(k) != b.get(k))
+        .map(|k| {
+            let rows = |m: &HashMap<i64, (i64, String)>| m.get(k).map_or(0, |v| v.0);
+            (*k, rows(&a).max(rows(&b)))
+        })
+        .collect();
+    differing.sort();
+    differing.dedup();
+    for batch in bucket_batches(&differing, BUCKET_BATCH_ROWS) {
+        let rows: i64 = differing
+            .iter()
+            .filter(|(k, _)| batch.contains(k))
+            .map(|x| x.1)
+            .sum();
+        narrow_persistent(sides, t, shape, Rows::Buckets(modulus, batch), diff).await?;
+        pace.read(rows).await;
+    }
+    Ok(Some(counts))
+}
+
+/// Groups (bucket, rows) into batches of at most `max_rows` rows (a larger bucket alone).
+fn bucket_batches(buckets: &[(i64, i64)], max_rows: i64) -> Vec<Vec<i64>> {
+    let mut out: Vec<Vec<i64>> = Vec::new();
+    let mut rows = 0;
+    for &(b, n) in buckets {
+        match out.last_mut() {
+            Some(last) if rows + n <= max_rows => {
+                last.push(b);
+                rows += n;
+            }
+            _ => {
+                out.push(vec![b]);
+                rows = n;
+            }
+        }
+    }
+    out
 }
 
 async fn connect(c: &crate::conninfo::ConnInfo, what: &str) -> Result<Client, String> {
@@ -688,6 +873,7 @@ pub async fn run(
         }
     }
     let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut pace = Pace::new(settings.verify.rows_per_second);
     for t in targets {
         let sides = Sides {
             source: connect(&settings.source, "source").await?,
@@ -701,7 +887,7 @@ pub async fn run(
             .filter(|x| only_table.is_none_or(|o| o == *x))
         {
             seen.insert(table.to_string(), ());
-            let diff = verify_table(&sides, table).await?;
+            let diff = verify_table(&sides, table, &settings.verify, &mut pace).await?;
             report.tables.push(TableResult {
                 target: t.name.clone(),
                 table: table.clone(),
@@ -740,6 +926,13 @@ mod tests {
             ]
         );
         assert_eq!(split((5, 6), 10), vec![(Some(5), Some(6))]);
+    }
+
+    #[test]
+    fn bucket_batches_bound_their_rows() {
+        let b = bucket_batches(&[(1, 40), (4, 50), (5, 30), (9, 500), (12, 10)], 100);
+        assert_eq!(b, vec![vec![1, 4], vec![5], vec![9], vec![12]]);
+        assert!(bucket_batches(&[], 100).is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Relationships that were foreign keys in the monolith and now cross service databases: the
 //! child's rows at one target, the parent's at another, nothing enforcing them. Each is checked
 //! across the two databases: the child's distinct key values, in batches, looked up in the
-//! parent. Targets stand at different positions while streaming, so a value found missing is
+//! parent (a key of several columns compared column by column; a child row with a NULL in its
+//! key is not checked, as MATCH SIMPLE does not). Targets stand at different positions while streaming, so a value found missing is
 //! looked up again (both sides read after the slot confirmed a fresh position) and only
 //! persistent orphans are reported, with a sample of the missing parent keys.
 
@@ -23,80 +24,239 @@ const SAMPLE: usize = 20;
 pub struct Orphans {
     /// Target holding the child rows.
     pub child_target: String,
-    /// Child table and column.
+    /// Child table and column(s) (`a`, or `(a, b)` for several).
     pub child: (TableName, String),
     /// Target holding the parent rows.
     pub parent_target: String,
-    /// Parent table and column.
+    /// Parent table and column(s) (`a`, or `(a, b)` for several).
     pub parent: (TableName, String),
     /// The monolith's constraint name.
     pub constraint: String,
     /// Child rows whose parent is missing.
     pub rows: i64,
-    /// Missing parent keys (a sample).
+    /// Missing parent keys (a sample; a multi-column key as `(a, b)`).
     pub missing: Vec<String>,
 }
 
-/// Single-column foreign keys between routed tables that no one target holds both sides of:
-/// (constraint, child, child column, parent, parent column, parent column type).
-async fn relationships(
-    src: &Client,
-) -> Result<Vec<(String, TableName, String, TableName, String, String)>, tokio_postgres::Error> {
+/// A foreign key of the monolith: child columns → parent columns, pairwise, with the parent
+/// columns' types.
+#[derive(Debug, Clone)]
+struct Relationship {
+    constraint: String,
+    child: TableName,
+    child_cols: Vec<String>,
+    parent: TableName,
+    parent_cols: Vec<String>,
+    types: Vec<String>,
+}
+
+/// A table's column(s) for a message: `t.a`, or `t(a, b)`.
+pub fn columns_at(table: &TableName, cols: &str) -> String {
+    if cols.starts_with('(') {
+        format!("{table}{cols}")
+    } else {
+        format!("{table}.{cols}")
+    }
+}
+
+impl Relationship {
+    /// The columns for a message: `a`, or `(a, b)` for several.
+    fn names(cols: &[String]) -> String {
+        Self::show(cols)
+    }
+
+    /// A key's display: the value, or `(v1, v2)` for several columns.
+    fn show(values: &[String]) -> String {
+        match values {
+            [one] => one.clone(),
+            many => format!("({})", many.join(", ")),
+        }
+    }
+}
+
+/// Foreign keys between tables (any number of columns), in constraint name order.
+async fn relationships(src: &Client) -> Result<Vec<Relationship>, tokio_postgres::Error> {
     let rows = src
         .query(
-            "SELECT k.conname::text, cn.nspname::text, c.relname::text, ca.attname::text, \
-                    pn.nspname::text, p.relname::text, pa.attname::text, format_type(pa.atttypid, pa.atttypmod) \
+            "SELECT k.conname::text, cn.nspname::text, c.relname::text, \
+                    array_agg(ca.attname::text ORDER BY u.n), pn.nspname::text, p.relname::text, \
+                    array_agg(pa.attname::text ORDER BY u.n), \
+                    array_agg(format_type(pa.atttypid, pa.atttypmod) ORDER BY u.n) \
              FROM pg_constraint k \
              JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace \
              JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace \
-             JOIN pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attnum = k.conkey[1] \
-             JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = k.confkey[1] \
-             WHERE k.contype = 'f' AND cardinality(k.conkey) = 1 AND NOT c.relispartition \
-             ORDER BY 1",
+             CROSS JOIN LATERAL unnest(k.conkey, k.confkey) WITH ORDINALITY u(ck, pk, n) \
+             JOIN pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attnum = u.ck \
+             JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = u.pk \
+             WHERE k.contype = 'f' AND NOT c.relispartition \
+             GROUP BY k.oid, k.conname, cn.nspname, c.relname, pn.nspname, p.relname \
+             ORDER BY 1, k.oid",
             &[],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                TableName {
-                    schema: r.get(1),
-                    name: r.get(2),
-                },
-                r.get(3),
-                TableName {
-                    schema: r.get(4),
-                    name: r.get(5),
-                },
-                r.get(6),
-                r.get(7),
-            )
+        .map(|r| Relationship {
+            constraint: r.get(0),
+            child: TableName {
+                schema: r.get(1),
+                name: r.get(2),
+            },
+            child_cols: r.get(3),
+            parent: TableName {
+                schema: r.get(4),
+                name: r.get(5),
+            },
+            parent_cols: r.get(6),
+            types: r.get(7),
         })
         .collect())
 }
 
-/// Values of `values` (text) that `parent.column` lacks at the parent's target.
+/// `unnest($1::text[], $2::text[], …) AS v(c1, c2, …)`: keys as one text array per column.
+fn unnest_keys(n: usize) -> String {
+    let arrays: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let cols: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
+    format!("unnest({}) AS v({})", arrays.join(", "), cols.join(", "))
+}
+
+/// `x.a = v.c1::ty1 AND x.b = v.c2::ty2`: the columns of `alias` equal to a key of `v`.
+fn matches_key(alias: &str, cols: &[String], types: &[String]) -> String {
+    cols.iter()
+        .zip(types)
+        .enumerate()
+        .map(|(i, (c, ty))| format!("{alias}.{} = v.c{}::{ty}", quote_ident(c), i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Keys as one text array per column (the query parameters of `unnest_keys`).
+fn columns_of(keys: &[Vec<String>], n: usize) -> Vec<Vec<String>> {
+    (0..n)
+        .map(|i| keys.iter().map(|k| k[i].clone()).collect())
+        .collect()
+}
+
+/// Runs `sql` with one text array per key column.
+async fn query_keys(
+    c: &Client,
+    sql: &str,
+    keys: &[Vec<String>],
+    n: usize,
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    let cols = columns_of(keys, n);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = cols
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    Ok(c.query(sql, &params)
+        .await?
+        .iter()
+        .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+        .collect())
+}
+
+/// Keys (text, one per column) that the parent lacks at the parent's target.
 async fn missing_in_parent(
     parent: &Client,
-    table: &TableName,
-    column: &str,
-    ty: &str,
-    values: &[String],
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let rows = parent
-        .query(
-            &format!(
-                "SELECT v FROM unnest($1::text[]) v \
-                 WHERE NOT EXISTS (SELECT 1 FROM {t} p WHERE p.{c} = v::{ty})",
-                t = table.quoted(),
-                c = quote_ident(column)
-            ),
-            &[&values],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rel: &Relationship,
+    keys: &[Vec<String>],
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    let n = rel.parent_cols.len();
+    let cols: Vec<String> = (1..=n).map(|i| format!("v.c{i}")).collect();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE NOT EXISTS (SELECT 1 FROM {} p WHERE {})",
+        cols.join(", "),
+        unnest_keys(n),
+        rel.parent.quoted(),
+        matches_key("p", &rel.parent_cols, &rel.types)
+    );
+    query_keys(parent, &sql, keys, n).await
+}
+
+/// Of `keys`, those some child row still holds.
+async fn still_in_child(
+    child: &Client,
+    rel: &Relationship,
+    keys: &[Vec<String>],
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    let n = rel.child_cols.len();
+    let cols: Vec<String> = (1..=n).map(|i| format!("v.c{i}")).collect();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE EXISTS (SELECT 1 FROM {} x WHERE {})",
+        cols.join(", "),
+        unnest_keys(n),
+        rel.child.quoted(),
+        matches_key("x", &rel.child_cols, &rel.types)
+    );
+    query_keys(child, &sql, keys, n).await
+}
+
+/// Child rows holding one of `keys`.
+async fn child_rows(
+    child: &Client,
+    rel: &Relationship,
+    keys: &[Vec<String>],
+) -> Result<i64, tokio_postgres::Error> {
+    let n = rel.child_cols.len();
+    let sql = format!(
+        "SELECT count(*)::bigint FROM {} x WHERE EXISTS (SELECT 1 FROM {} WHERE {})",
+        rel.child.quoted(),
+        unnest_keys(n),
+        matches_key("x", &rel.child_cols, &rel.types)
+    );
+    let cols = columns_of(keys, n);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = cols
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    Ok(child.query_one(&sql, &params).await?.get(0))
+}
+
+/// The child's distinct keys (no column NULL: MATCH SIMPLE checks no such row) after `after`
+/// in the key order, at most `BATCH`.
+async fn child_keys(
+    child: &Client,
+    rel: &Relationship,
+    after: Option<&[String]>,
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    let n = rel.child_cols.len();
+    let cols: Vec<String> = rel.child_cols.iter().map(|c| quote_ident(c)).collect();
+    let text: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
+    let not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+    // Keyset pagination on the typed row: (a, b) > ($1::ty1, $2::ty2).
+    let typed: Vec<String> = rel
+        .types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::text::{ty}", i + 1))
+        .collect();
+    let after_clause = match after {
+        Some(_) => format!("AND ({}) > ({})", cols.join(", "), typed.join(", ")),
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT DISTINCT {text}, {cols} FROM {t} WHERE {nn} {after_clause} ORDER BY {order} LIMIT {BATCH}",
+        text = text.join(", "),
+        cols = cols.join(", "),
+        t = rel.child.quoted(),
+        nn = not_null.join(" AND "),
+        order = (n + 1..=2 * n)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let params: Vec<String> = after.map(|a| a.to_vec()).unwrap_or_default();
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    Ok(child
+        .query(&sql, &refs)
+        .await?
+        .iter()
+        .map(|r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+        .collect())
 }
 
 /// Connects to target `name`.
@@ -133,7 +293,7 @@ pub async fn check(
 ) -> Result<Vec<Orphans>, String> {
     let e = |what: &str, x: tokio_postgres::Error| format!("{what}: {}", safe_pg_error(&x));
     let mut out = Vec::new();
-    for (constraint, child, ccol, parent, pcol, ty) in relationships(src)
+    for rel in relationships(src)
         .await
         .map_err(|x| e("source: read foreign keys", x))?
     {
@@ -145,38 +305,29 @@ pub async fn check(
                 .map(|x| x.name.clone())
                 .collect()
         };
-        let (child_owners, parent_owners) = (owners(&child), owners(&parent));
+        let (child_owners, parent_owners) = (owners(&rel.child), owners(&rel.parent));
         let Some(parent_target) = parent_owners.first() else {
             continue; // the parent is not routed: nothing to compare with
         };
+        let (child, parent) = (&rel.child, &rel.parent);
         for child_target in child_owners.iter().filter(|t| !parent_owners.contains(t)) {
             let cdb = target(settings, child_target).await?;
             let pdb = target(settings, parent_target).await?;
-            let mut candidates: Vec<String> = Vec::new();
-            let mut last: Option<String> = None;
+            let at_child = |x| e(&format!("target {child_target}: {child}"), x);
+            let at_parent = |x| e(&format!("target {parent_target}: {parent}"), x);
+            let mut candidates: Vec<Vec<String>> = Vec::new();
+            let mut last: Option<Vec<String>> = None;
             loop {
-                let batch: Vec<String> = cdb
-                    .query(
-                        &format!(
-                            "SELECT DISTINCT {c}::text AS v, {c} AS k FROM {t} WHERE {c} IS NOT NULL \
-                             AND ($1::text IS NULL OR {c} > $1::text::{ty}) ORDER BY k LIMIT {BATCH}",
-                            c = quote_ident(&ccol),
-                            t = child.quoted()
-                        ),
-                        &[&last],
-                    )
+                let batch = child_keys(&cdb, &rel, last.as_deref())
                     .await
-                    .map_err(|x| e(&format!("target {child_target}: {child}"), x))?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                    .map_err(at_child)?;
                 let Some(end) = batch.last().cloned() else {
                     break;
                 };
                 candidates.extend(
-                    missing_in_parent(&pdb, &parent, &pcol, &ty, &batch)
+                    missing_in_parent(&pdb, &rel, &batch)
                         .await
-                        .map_err(|x| e(&format!("target {parent_target}: {parent}"), x))?,
+                        .map_err(at_parent)?,
                 );
                 last = Some(end);
                 if (batch.len() as i64) < BATCH {
@@ -190,49 +341,31 @@ pub async fn check(
                 }
                 tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
                 wait(settings, slot_reader).await?;
-                let still_child: Vec<String> = cdb
-                    .query(
-                        &format!(
-                            "SELECT DISTINCT {c}::text FROM {t} WHERE {c} = ANY($1::text[]::{ty}[])",
-                            c = quote_ident(&ccol),
-                            t = child.quoted()
-                        ),
-                        &[&candidates],
-                    )
+                let still = still_in_child(&cdb, &rel, &candidates)
                     .await
-                    .map_err(|x| e(&format!("target {child_target}: {child}"), x))?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                candidates = missing_in_parent(&pdb, &parent, &pcol, &ty, &still_child)
+                    .map_err(at_child)?;
+                candidates = missing_in_parent(&pdb, &rel, &still)
                     .await
-                    .map_err(|x| e(&format!("target {parent_target}: {parent}"), x))?;
+                    .map_err(at_parent)?;
             }
             if candidates.is_empty() {
                 continue;
             }
-            let rows: i64 = cdb
-                .query_one(
-                    &format!(
-                        "SELECT count(*) FROM {t} WHERE {c} = ANY($1::text[]::{ty}[])",
-                        c = quote_ident(&ccol),
-                        t = child.quoted()
-                    ),
-                    &[&candidates],
-                )
+            let rows = child_rows(&cdb, &rel, &candidates)
                 .await
-                .map_err(|x| e(&format!("target {child_target}: {child}"), x))?
-                .get(0);
-            candidates.sort();
-            candidates.truncate(SAMPLE);
+                .map_err(at_child)?;
+            let mut missing: Vec<String> =
+                candidates.iter().map(|k| Relationship::show(k)).collect();
+            missing.sort();
+            missing.truncate(SAMPLE);
             out.push(Orphans {
                 child_target: child_target.clone(),
-                child: (child.clone(), ccol.clone()),
+                child: (child.clone(), Relationship::names(&rel.child_cols)),
                 parent_target: parent_target.clone(),
-                parent: (parent.clone(), pcol.clone()),
-                constraint: constraint.clone(),
+                parent: (parent.clone(), Relationship::names(&rel.parent_cols)),
+                constraint: rel.constraint.clone(),
                 rows,
-                missing: candidates,
+                missing,
             });
         }
     }
