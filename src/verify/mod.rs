@@ -264,27 +264,6 @@ fn range_sql(shape: &Shape, r: Range) -> String {
     }
 }
 
-/// (count, checksum) of a range.
-async fn checksum(
-    c: &Client,
-    t: &TableName,
-    shape: &Shape,
-    r: Range,
-) -> Result<(i64, String), tokio_postgres::Error> {
-    let row = c
-        .query_one(
-            &format!(
-                "SELECT count(*), {sum} FROM ONLY {t} WHERE {w}",
-                sum = row_sum(shape),
-                t = t.quoted(),
-                w = range_sql(shape, r)
-            ),
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}
-
 /// The checksum of a set of rows: the exact sum of each row's 64-bit hash, as text.
 fn row_sum(shape: &Shape) -> String {
     format!(
@@ -333,8 +312,8 @@ async fn group_checksums(
 /// Which rows a row-by-row read takes.
 #[derive(Debug, Clone)]
 enum Rows {
-    /// A key range.
-    Range(Range),
+    /// Key ranges.
+    Ranges(Vec<Range>),
     /// These hash buckets under this modulus.
     Buckets(i64, Vec<i64>),
     /// These keys (for a table without a key: these row hashes).
@@ -365,7 +344,13 @@ async fn rows(
         )
     };
     let found = match which {
-        Rows::Range(r) => c.query(&sql(&range_sql(shape, *r)), &[]).await?,
+        Rows::Ranges(r) => {
+            let w: Vec<String> = r
+                .iter()
+                .map(|r| format!("({})", range_sql(shape, *r)))
+                .collect();
+            c.query(&sql(&w.join(" OR ")), &[]).await?
+        }
         Rows::Buckets(m, buckets) => {
             c.query(
                 &sql(&format!("{} = ANY($1::bigint[])", bucket_expr(shape, *m))),
@@ -500,17 +485,6 @@ macro_rules! both {
             .map_err(|x| e("source", x))?;
         (a, b)
     }};
-}
-
-/// Compares a range; `Some` (source rows, target rows) when it differs.
-async fn compare_range(
-    sides: &Sides,
-    t: &TableName,
-    shape: &Shape,
-    r: Range,
-) -> Result<Option<(i64, i64)>, String> {
-    let (a, b) = both!(sides, t, |c| checksum(c, t, shape, r));
-    Ok((a != b).then_some((a.0, b.0)))
 }
 
 /// Keys (or row hashes) that differ, in full: missing, extra, different.
@@ -710,72 +684,98 @@ async fn verify_key_ranges(
         }
         _ => vec![(None, None)],
     };
-    // Many ranges: the checksums of a slice of ranges (all of them without a rate limit) in
-    // one scan per side, then only the ranges that differ go on (each compared again on its
-    // own, split, or row by row).
-    let per_scan = pace.ranges_per_scan(range_rows as u64);
-    let one_scan = ranges.len() > 1 && per_scan >= ranges.len();
+    // Every range's checksum in one scan per side (under a rate limit, a slice of ranges at a
+    // time); then, level by level, the ranges that differ are split in ten and all their
+    // pieces compared in one look, until they are small enough to compare row by row.
+    let per_scan = pace
+        .ranges_per_scan(range_rows as u64)
+        .min(ranges.len())
+        .max(1);
     let mut whole_counts = None;
-    let mut work: Vec<Range> = Vec::new();
-    for slice in ranges.chunks(per_scan.min(ranges.len()).max(1)) {
-        if slice.len() == 1 {
-            work.push(slice[0]);
-            continue;
-        }
-        let inner: Vec<String> = slice
-            .iter()
-            .skip(1)
-            .filter_map(|r| r.0)
-            .map(|x| x.to_string())
-            .collect();
-        let group = format!(
-            "width_bucket({k}::bigint, '{{{}}}'::bigint[])",
-            inner.join(",")
-        );
+    let mut differing: Vec<(Range, i64)> = Vec::new();
+    for slice in ranges.chunks(per_scan) {
         let within = range_sql(shape, (slice[0].0, slice[slice.len() - 1].1));
-        let (a, b) = both!(sides, t, |c| group_checksums(c, t, shape, &group, &within));
-        let counts = (
-            a.values().map(|v| v.0).sum::<i64>(),
-            b.values().map(|v| v.0).sum::<i64>(),
-        );
-        if one_scan {
+        let (found, counts) = compare_ranges(sides, t, shape, k, slice, &within).await?;
+        if slice.len() == ranges.len() {
             whole_counts = Some(counts);
         }
-        work.extend(
-            slice
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| a.get(&(*i as i64)) != b.get(&(*i as i64)))
-                .map(|(_, r)| *r),
-        );
+        differing.extend(found);
         pace.read(counts.0.max(counts.1)).await;
     }
-    while let Some(r) = work.pop() {
-        // A range that differs is split or compared row by row at once: the row-level
-        // comparison re-checks what differs, so rows still in flight are not reported.
-        let differs = compare_range(sides, t, shape, r).await?;
-        pace.read(differs.map_or(0, |(a, b)| a.max(b))).await;
-        let Some((na, nb)) = differs else { continue };
-        let small = na.max(nb) <= NARROW_ROWS;
+    while !differing.is_empty() {
         // An open end stands for the key's span on that side.
-        let bounded = (r.0.unwrap_or(span.0), r.1.unwrap_or(span.1));
-        match (small, r) {
-            (false, _) if bounded.1 - bounded.0 > 1 => {
-                let mut parts = split(bounded, 10);
-                if r.0.is_none() {
-                    parts[0].0 = None;
+        let bounded = |r: Range| (r.0.unwrap_or(span.0), r.1.unwrap_or(span.1));
+        let (small, big): (Vec<_>, Vec<_>) = differing.into_iter().partition(|(r, rows)| {
+            let (a, b) = bounded(*r);
+            *rows <= NARROW_ROWS || b - a <= 1
+        });
+        // Row by row, a bounded batch of rows at a time: the row-level comparison re-checks
+        // what differs, so rows still in flight are not reported.
+        for batch in batches(&small, BUCKET_BATCH_ROWS) {
+            let rows: i64 = batch.iter().map(|x| x.1).sum();
+            let ranges = batch.into_iter().map(|x| x.0).collect();
+            narrow_persistent(sides, t, shape, Rows::Ranges(ranges), diff).await?;
+            pace.read(rows).await;
+        }
+        differing = Vec::new();
+        for group in big.chunks(100) {
+            let mut pieces: Vec<Range> = Vec::new();
+            for (r, _) in group {
+                let mut parts = split(bounded(*r), 10);
+                parts[0].0 = r.0;
+                if let Some(last) = parts.last_mut() {
+                    last.1 = r.1;
                 }
-                if r.1.is_none() {
-                    if let Some(last) = parts.last_mut() {
-                        last.1 = None;
-                    }
-                }
-                work.extend(parts)
+                pieces.extend(parts);
             }
-            _ => narrow_persistent(sides, t, shape, Rows::Range(r), diff).await?,
+            let within = group
+                .iter()
+                .map(|(r, _)| format!("({})", range_sql(shape, *r)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let (found, counts) = compare_ranges(sides, t, shape, k, &pieces, &within).await?;
+            differing.extend(found);
+            pace.read(counts.0.max(counts.1)).await;
         }
     }
     Ok(whole_counts)
+}
+
+/// Compares disjoint key ranges, sorted, in one look (`within`: a condition selecting exactly
+/// their rows): each row is counted under the range whose lower bound is the greatest one not
+/// above its key. Returns the ranges that differ with their larger row count, and both sides'
+/// row counts.
+async fn compare_ranges(
+    sides: &Sides,
+    t: &TableName,
+    shape: &Shape,
+    k: &str,
+    ranges: &[Range],
+    within: &str,
+) -> Result<(Vec<(Range, i64)>, (i64, i64)), String> {
+    // `width_bucket(key, lows)`: 0 below the first lower bound, i from the i-th on.
+    let lows: Vec<String> = ranges
+        .iter()
+        .map(|r| r.0.unwrap_or(i64::MIN).to_string())
+        .collect();
+    let group = format!(
+        "width_bucket({k}::bigint, '{{{}}}'::bigint[])",
+        lows.join(",")
+    );
+    let (a, b) = both!(sides, t, |c| group_checksums(c, t, shape, &group, within));
+    let counts = (
+        a.values().map(|v| v.0).sum::<i64>(),
+        b.values().map(|v| v.0).sum::<i64>(),
+    );
+    let rows = |m: &HashMap<i64, (i64, String)>, i: i64| m.get(&i).map_or(0, |v| v.0);
+    let found = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i as i64 + 1, *r))
+        .filter(|(i, _)| a.get(i) != b.get(i))
+        .map(|(i, r)| (r, rows(&a, i).max(rows(&b, i))))
+        .collect();
+    Ok((found, counts))
 }
 
 /// Any other table: hash buckets of the key (of the whole row without one), every bucket's
@@ -815,31 +815,28 @@ async fn verify_buckets(
         .collect();
     differing.sort();
     differing.dedup();
-    for batch in bucket_batches(&differing, BUCKET_BATCH_ROWS) {
-        let rows: i64 = differing
-            .iter()
-            .filter(|(k, _)| batch.contains(k))
-            .map(|x| x.1)
-            .sum();
-        narrow_persistent(sides, t, shape, Rows::Buckets(modulus, batch), diff).await?;
+    for batch in batches(&differing, BUCKET_BATCH_ROWS) {
+        let rows: i64 = batch.iter().map(|x| x.1).sum();
+        let buckets = batch.into_iter().map(|x| x.0).collect();
+        narrow_persistent(sides, t, shape, Rows::Buckets(modulus, buckets), diff).await?;
         pace.read(rows).await;
     }
     Ok(Some(counts))
 }
 
-/// Groups (bucket, rows) into batches of at most `max_rows` rows (a larger bucket alone).
-fn bucket_batches(buckets: &[(i64, i64)], max_rows: i64) -> Vec<Vec<i64>> {
-    let mut out: Vec<Vec<i64>> = Vec::new();
+/// Groups (part, rows) into batches of at most `max_rows` rows (a larger part alone).
+fn batches<T: Clone>(parts: &[(T, i64)], max_rows: i64) -> Vec<Vec<(T, i64)>> {
+    let mut out: Vec<Vec<(T, i64)>> = Vec::new();
     let mut rows = 0;
-    for &(b, n) in buckets {
+    for (part, n) in parts {
         match out.last_mut() {
             Some(last) if rows + n <= max_rows => {
-                last.push(b);
+                last.push((part.clone(), *n));
                 rows += n;
             }
             _ => {
-                out.push(vec![b]);
-                rows = n;
+                out.push(vec![(part.clone(), *n)]);
+                rows = *n;
             }
         }
     }
@@ -930,9 +927,10 @@ mod tests {
 
     #[test]
     fn bucket_batches_bound_their_rows() {
-        let b = bucket_batches(&[(1, 40), (4, 50), (5, 30), (9, 500), (12, 10)], 100);
-        assert_eq!(b, vec![vec![1, 4], vec![5], vec![9], vec![12]]);
-        assert!(bucket_batches(&[], 100).is_empty());
+        let b = batches(&[(1, 40), (4, 50), (5, 30), (9, 500), (12, 10)], 100);
+        let parts: Vec<Vec<i32>> = b.iter().map(|x| x.iter().map(|p| p.0).collect()).collect();
+        assert_eq!(parts, vec![vec![1, 4], vec![5], vec![9], vec![12]]);
+        assert!(batches::<i32>(&[], 100).is_empty());
     }
 
     #[test]
