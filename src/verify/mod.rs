@@ -16,21 +16,22 @@
 //! # Checksums
 //!
 //! A range's checksum is the count of its rows and the exact sum of a 64-bit hash of each row
-//! (`hashtextextended` over the row's text form, the routed columns in the source's order, with
-//! the same session settings on both sides as the copy uses): order-independent, so both sides
-//! scan in any order, and cheap (an md5 per row costs more than the scan). The hash is
-//! PostgreSQL's own (stable across versions: hash partitioning depends on it) and byte-order
-//! dependent, so source and targets must share the byte order (every x86-64 and ARM64 server
-//! does).
+//! (`hash_record_extended` over the routed columns in the source's order: each column hashed
+//! by its type's own hash function, so values compare as `=` says — `1.0` equals `1.00` —
+//! and nothing is formatted as text; enums, user types and types without a hash function are
+//! compared by their text form, with the same session settings on both sides as the copy
+//! uses). The sum is order-independent, so both sides scan in any order. The hash functions are
+//! PostgreSQL's own (stable across versions: hash partitioning depends on them) and depend on
+//! byte order, so source and targets must share it (every x86-64 and ARM64 server does).
 //!
 //! A table with a single-column integer key is split into key ranges of `verify.range_rows`
 //! rows: every range's checksum in one scan per side (or, under `verify.rows_per_second`, a
 //! slice of ranges at a time), then a range that differs is split again and finally compared
 //! row by row, by index range scans. Any other table is split into hash buckets of the key (or
 //! of the whole row, without a key): every bucket's checksum in one scan, then the rows of the
-//! buckets that differ, a bounded batch at a time. Row by row means (key, md5) on both sides,
-//! or for a table without a key (REPLICA IDENTITY FULL) the multiset of row md5s with their
-//! counts.
+//! buckets that differ, a bounded batch at a time. Row by row means (key, row hash) on both
+//! sides, or for a table without a key (REPLICA IDENTITY FULL) the multiset of row hashes with
+//! their counts.
 
 pub mod orphans;
 
@@ -55,6 +56,35 @@ const BUCKET_BATCH_ROWS: i64 = 100_000;
 const ATTEMPTS: u32 = 3;
 /// Keys listed per kind of difference (the counts are always whole).
 const SAMPLE: usize = 20;
+
+/// Built-in types (by `typname`; their arrays too) whose hash function gives the same value
+/// for equal values on every cluster of the same byte order: compared by value, as `=` does.
+const HASHED_BY_VALUE: &[&str] = &[
+    "bool",
+    "char",
+    "name",
+    "int2",
+    "int4",
+    "int8",
+    "oid",
+    "float4",
+    "float8",
+    "numeric",
+    "text",
+    "varchar",
+    "bpchar",
+    "bytea",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "uuid",
+    "jsonb",
+    "inet",
+    "macaddr",
+];
 
 /// Session settings making the text form of values the same on both sides.
 const SESSION_SQL: &str = "SET extra_float_digits = 3; SET DateStyle = 'ISO'; \
@@ -199,15 +229,35 @@ struct Shape {
 
 /// Reads the table's shape on the source.
 async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Error> {
+    // Each column cast to its base type where that type hashes by value the same way on every
+    // cluster, else to text (enums, user types and arrays or composites of them carry OIDs;
+    // json and a few others have no hash function).
     let cols: Vec<String> = src
         .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 \
-             AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            "WITH RECURSIVE col AS ( \
+                 SELECT a.attnum, a.attname, a.atttypid AS typ, 0 AS depth FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND a.attgenerated = '' \
+               UNION ALL \
+                 SELECT col.attnum, col.attname, t.typbasetype, col.depth + 1 \
+                 FROM col JOIN pg_type t ON t.oid = col.typ WHERE t.typtype = 'd' \
+             ) \
+             SELECT DISTINCT ON (col.attnum) col.attname::text, t.typname::text \
+             FROM col JOIN pg_type t ON t.oid = col.typ ORDER BY col.attnum, col.depth DESC",
             &[&t.quoted()],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| {
+            let (name, base): (String, String) = (r.get(0), r.get(1));
+            let elem = base.strip_prefix('_').unwrap_or(&base);
+            let cast = if HASHED_BY_VALUE.contains(&elem) {
+                quote_ident(&base)
+            } else {
+                "text".to_string()
+            };
+            format!("{}::{cast}", quote_ident(&name))
+        })
         .collect();
     let key: Vec<(String, String)> = src
         .query(
@@ -238,11 +288,7 @@ async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Err
             .join(" || ',' || ")
     });
     Ok(Shape {
-        columns: cols
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", "),
+        columns: cols.join(", "),
         int_key,
         single_key,
         key_text,
@@ -264,20 +310,24 @@ fn range_sql(shape: &Shape, r: Range) -> String {
     }
 }
 
+/// A row's 64-bit hash: each column hashed by its type's hash function (by value: `1.0`
+/// and `1.00` are equal, as `=` says), combined.
+fn row_hash(shape: &Shape) -> String {
+    format!("hash_record_extended(ROW({}), 0)", shape.columns)
+}
+
 /// The checksum of a set of rows: the exact sum of each row's 64-bit hash, as text.
 fn row_sum(shape: &Shape) -> String {
-    format!(
-        "coalesce(sum(hashtextextended(ROW({})::text, 0)), 0)::text",
-        shape.columns
-    )
+    format!("coalesce(sum({}), 0)::text", row_hash(shape))
 }
 
 /// A row's hash bucket under `modulus` (of the key, or of the whole row without one).
 fn bucket_expr(shape: &Shape, modulus: i64) -> String {
-    format!(
-        "((hashtextextended({}, 0) % {modulus}) + {modulus}) % {modulus}",
-        key_expr(shape)
-    )
+    let h = match &shape.key_text {
+        Some(k) => format!("hashtextextended({k}, 0)"),
+        None => row_hash(shape),
+    };
+    format!("(({h} % {modulus}) + {modulus}) % {modulus}")
 }
 
 /// `group` → (count, checksum) for every group of rows that `within` selects, in one scan.
@@ -325,7 +375,7 @@ fn key_expr(shape: &Shape) -> String {
     shape
         .key_text
         .clone()
-        .unwrap_or_else(|| format!("md5(ROW({})::text)", shape.columns))
+        .unwrap_or_else(|| format!("{}::text", row_hash(shape)))
 }
 
 /// (key or row hash) → (row hash, count), for the row-by-row comparison.
@@ -338,8 +388,8 @@ async fn rows(
     let key = key_expr(shape);
     let sql = |w: &str| {
         format!(
-            "SELECT {key}, md5(ROW({cols})::text), count(*) FROM ONLY {t} WHERE {w} GROUP BY 1, 2",
-            cols = shape.columns,
+            "SELECT {key}, {h}::text, count(*) FROM ONLY {t} WHERE {w} GROUP BY 1, 2",
+            h = row_hash(shape),
             t = t.quoted(),
         )
     };
