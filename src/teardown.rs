@@ -154,7 +154,11 @@ async fn clear_target(
             .map_err(err)?
         } else {
             tx.execute(
-                &format!("DELETE FROM {table} WHERE system_id = $1 AND slot = $2 AND target = $3"),
+                // A side stream's progress row (`<target>+joining`) goes with its target's.
+                &format!(
+                    "DELETE FROM {table} WHERE system_id = $1 AND slot = $2 \
+                     AND (target = $3 OR target = $3 || '+joining')"
+                ),
                 &[&system_id, &slot, &t.name],
             )
             .await

@@ -393,3 +393,113 @@ async fn in_a_terminal_the_copy_draws_live_progress_bars() {
     );
     assert!(!screen.contains("zq"), "values on the screen");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_streams_on() {
+    let env = Env::new(
+        SCHEMA,
+        &[("clinic", &["patients"]), ("billing", &["patients"])],
+    )
+    .await;
+    env.source().await.batch_execute(SEED).await.unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("clinic", "patients").await;
+    daemon.stop().await;
+    let mut env = env;
+    env.targets[0].tables = vec!["patients".into(), "events".into(), "readings".into()];
+    // The copy of events waits on a lock; the clinic's patients must stream on meanwhile.
+    let mut locker = env.target("clinic").await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, env.config()).unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    let src = env.source().await;
+    src.batch_execute(
+        "INSERT INTO patients VALUES (5000000, 'zqduring', NULL, NULL);
+         INSERT INTO events VALUES ('zqduring', 42);",
+    )
+    .await
+    .unwrap();
+    env.wait_equal("clinic", "patients").await;
+    wait_until(
+        "the copy waiting on the lock",
+        Duration::from_secs(60),
+        || async {
+            copy_state(&env, "clinic", "public.events")
+                .await
+                .is_some_and(|(state, _, _)| state == "copying")
+        },
+    )
+    .await;
+    lock.rollback().await.unwrap();
+
+    // Writes to every table while the side stream catches up.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 20_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writes.await.unwrap() > 5);
+    for t in ["patients", "events", "readings"] {
+        env.wait_equal("clinic", t).await;
+    }
+    let (state, _, _) = copy_state(&env, "clinic", "public.events").await.unwrap();
+    assert_eq!(state, "copied", "a side stream applies it until it joins");
+    // Kill -9 during writes, and start again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 40_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill9(&mut child);
+    child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writes.await.unwrap() > 5);
+    for t in ["patients", "events", "readings"] {
+        env.wait_equal("clinic", t).await;
+    }
+    env.wait_equal("billing", "patients").await;
+
+    // After a clean stop, the next start joins the side stream to its target.
+    let term = |child: &mut std::process::Child| {
+        // SAFETY: kill on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        assert!(child.wait().unwrap().success());
+    };
+    term(&mut child);
+    child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    for t in ["public.events", "public.readings"] {
+        let (state, _, _) = copy_state(&env, "clinic", t).await.unwrap();
+        assert_eq!(state, "streaming", "{t} joined the clinic's stream");
+    }
+    let sides: i64 = env
+        .target("clinic")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pgcarve.progress WHERE target LIKE '%+joining'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sides, 0, "the side stream's progress row is gone");
+    step(&src, 90_000).await.unwrap();
+    for t in ["patients", "events", "readings"] {
+        env.wait_equal("clinic", t).await;
+    }
+    term(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("zq"), "log leaks values");
+    assert!(
+        text.contains("the side stream joined its target"),
+        "the side stream joined"
+    );
+}

@@ -21,6 +21,9 @@
 //!   restarts from the main slot's confirmed position `M ≤ C2`, skips for this table on this
 //!   target every transaction whose commit record lies before `C2` (`final_lsn < C2`, decided
 //!   in the reader like the per-target progress rule): those are in the copy; the rest are not.
+//!   The owning target is either held at `C2` meanwhile (`link::hold`), or — when no foreign
+//!   key links the copied tables with its others — streams its other tables on while a side
+//!   stream takes the copied tables from `C2` (`daemon::side`, which argues the join).
 //! - **Atomic state.** Each chunk's rows commit in one target transaction together with the row
 //!   that says the chunk is done (`state`), so after any crash the chunk's rows are there
 //!   exactly when its row is. A table is `copied` once every chunk of its plan is done under one
@@ -177,6 +180,9 @@ pub struct CopyRun<'a> {
     pub progress: &'a CopyProgress,
     /// Stops the copy between chunks (and cancels the running ones by dropping them).
     pub shutdown: &'a CancellationToken,
+    /// Per target: its copies are made while it streams its other tables (a side stream
+    /// applies the copied tables' changes; see `state`).
+    pub side: &'a [bool],
 }
 
 fn key(run: &CopyRun<'_>, target: usize) -> ProgressKey {
@@ -225,7 +231,7 @@ async fn column_types(
 }
 
 /// Foreign keys between tables of `tables` on one target: (referencing, referenced).
-async fn references(
+pub async fn references(
     client: &Client,
     tables: &[TableName],
 ) -> Result<HashSet<(TableName, TableName)>, tokio_postgres::Error> {
@@ -423,6 +429,7 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         let tx = client.transaction().await.map_err(|e| err("begin", e))?;
         let chunks = i32::try_from(p.chunks.len()).unwrap_or(i32::MAX);
         let lsn = run.lsn.to_string();
+        let side = run.side.get(o.target).copied().unwrap_or(false);
         tx.execute(
             state::SET_STATE_SQL,
             &[
@@ -433,6 +440,7 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
                 &"copying",
                 &Some(lsn),
                 &chunks,
+                &side,
             ],
         )
         .await
@@ -747,6 +755,8 @@ pub struct OnlineCopy {
     pub plan: CopyPlan,
     /// Per target: its hold, if it owns a table to copy.
     pub holds: Vec<Option<CopyHold>>,
+    /// Per target: its copies are made while it streams its other tables.
+    pub side: Vec<bool>,
 }
 
 impl OnlineCopy {
@@ -768,6 +778,7 @@ impl OnlineCopy {
             system_id,
             plan,
             holds,
+            side,
         } = self;
         health.set_copying(true);
         for h in holds.iter().flatten() {
@@ -791,6 +802,7 @@ impl OnlineCopy {
             lsn,
             progress: &progress,
             shutdown: &shutdown,
+            side: &side,
         };
         let result = self::run(&run, &plan).await;
         reporter.abort();
@@ -803,6 +815,8 @@ impl OnlineCopy {
             return Ok(());
         }
         result?;
+        // Held targets stream the copied tables from here; side streams (`side`) apply theirs
+        // until a start joins them.
         for (i, t) in settings.targets.iter().enumerate() {
             if holds[i].is_some() {
                 mark_streaming(t, &key(&run, i)).await?;

@@ -139,6 +139,7 @@ mod tests {
             chunks_done: 1,
             rows_done: 10,
             has_rows,
+            side: false,
         }
     }
 

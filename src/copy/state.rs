@@ -5,6 +5,10 @@
 //!   `failed` with a reason (SQLSTATE and table, never values); `lsn` is the position of the
 //!   snapshot the copy was read under (the stream skips, for this table, every transaction
 //!   that committed before it), `chunks` how many chunks that snapshot's plan had.
+//!   `side` marks a copy made while the target streamed its other tables: a side stream of its
+//!   own (progress key `<target>+joining`) applies the table's changes from the snapshot's
+//!   position on, until a start joins it to the target's stream (`lsn` is then where the
+//!   target takes over, and `side` is false again).
 //! - `pgcarve.copy_chunk`: one row per finished chunk, committed in the same target transaction
 //!   as the chunk's rows: after any crash, the rows are there exactly when the row is.
 
@@ -43,6 +47,7 @@ CREATE TABLE IF NOT EXISTS pgcarve.copy_chunk (
     done_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (system_id, slot, target, table_name, lsn, chunk)
 );
+ALTER TABLE pgcarve.copy_table ADD COLUMN IF NOT EXISTS side boolean NOT NULL DEFAULT false;
 COMMIT;";
 
 /// A table's state as the target holds it.
@@ -106,6 +111,8 @@ pub struct TableCopy {
     pub rows_done: i64,
     /// The target table holds at least one row.
     pub has_rows: bool,
+    /// Copied while the target streamed its other tables: a side stream applies its changes.
+    pub side: bool,
 }
 
 /// What a target holds about the copy.
@@ -152,6 +159,7 @@ pub async fn read(
             chunks_done: 0,
             rows_done: 0,
             has_rows,
+            side: false,
         };
         if known {
             let row = client
@@ -160,7 +168,8 @@ pub async fn read(
                             (SELECT count(*)::int FROM pgcarve.copy_chunk c WHERE c.system_id = s.system_id \
                                AND c.slot = s.slot AND c.target = s.target AND c.table_name = s.table_name AND c.lsn = s.lsn), \
                             (SELECT coalesce(sum(c.rows), 0)::bigint FROM pgcarve.copy_chunk c WHERE c.system_id = s.system_id \
-                               AND c.slot = s.slot AND c.target = s.target AND c.table_name = s.table_name AND c.lsn = s.lsn) \
+                               AND c.slot = s.slot AND c.target = s.target AND c.table_name = s.table_name AND c.lsn = s.lsn), \
+                            coalesce((to_jsonb(s) ->> 'side')::boolean, false) \
                      FROM pgcarve.copy_table s \
                      WHERE s.system_id = $1 AND s.slot = $2 AND s.target = $3 AND s.table_name = $4",
                     &[&key.system_id, &key.slot, &key.target, &t.to_string()],
@@ -172,6 +181,7 @@ pub async fn read(
                 tc.chunks = r.get(2);
                 tc.chunks_done = r.get(3);
                 tc.rows_done = r.get(4);
+                tc.side = r.get(5);
             }
         }
         out.push(tc);
@@ -201,12 +211,20 @@ pub async fn only_keyword(
 }
 
 /// Sets a table's state, snapshot position and plan (`copying` at the start of a copy: its
-/// earlier chunks are forgotten). Parameters: key…, table, state, lsn (text or NULL), chunks.
+/// earlier chunks are forgotten). Parameters: key…, table, state, lsn (text or NULL), chunks,
+/// side.
 pub const SET_STATE_SQL: &str = "INSERT INTO pgcarve.copy_table AS s \
-    (system_id, slot, target, table_name, state, lsn, chunks, rows, reason, updated_at) \
-VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7, 0, NULL, now()) \
+    (system_id, slot, target, table_name, state, lsn, chunks, rows, reason, side, updated_at) \
+VALUES ($1, $2, $3, $4, $5, $6::text::pg_lsn, $7, 0, NULL, $8, now()) \
 ON CONFLICT (system_id, slot, target, table_name) DO UPDATE SET state = EXCLUDED.state, \
-    lsn = EXCLUDED.lsn, chunks = EXCLUDED.chunks, rows = 0, reason = NULL, updated_at = now()";
+    lsn = EXCLUDED.lsn, chunks = EXCLUDED.chunks, rows = 0, reason = NULL, side = EXCLUDED.side, \
+    updated_at = now()";
+
+/// Joins a side-streamed table to its target's stream from `lsn` on. Parameters: key…, table,
+/// lsn (text).
+pub const JOIN_SQL: &str = "UPDATE pgcarve.copy_table SET state = 'streaming', side = false, \
+    lsn = $5::text::pg_lsn, updated_at = now() \
+WHERE system_id = $1 AND slot = $2 AND target = $3 AND table_name = $4 AND side";
 
 /// Forgets a table's chunks. Parameters: key…, table.
 pub const FORGET_CHUNKS_SQL: &str = "DELETE FROM pgcarve.copy_chunk \
@@ -227,10 +245,11 @@ WHERE system_id = $1 AND slot = $2 AND target = $3 AND table_name = $4";
 pub const FAILED_SQL: &str = "UPDATE pgcarve.copy_table SET state = 'failed', reason = $5, updated_at = now() \
 WHERE system_id = $1 AND slot = $2 AND target = $3 AND table_name = $4 AND state <> 'copied' AND state <> 'streaming'";
 
-/// Marks every copied table of this key streaming. Parameters: key….
+/// Marks every copied table of this key streaming (not those a side stream applies: they
+/// join at a start). Parameters: key….
 pub const STREAMING_SQL: &str =
     "UPDATE pgcarve.copy_table SET state = 'streaming', updated_at = now() \
-WHERE system_id = $1 AND slot = $2 AND target = $3 AND state = 'copied'";
+WHERE system_id = $1 AND slot = $2 AND target = $3 AND state = 'copied' AND NOT side";
 
 /// Records tables taken as they are (no copy: the target streamed them before copy state
 /// existed, or copying is off). Parameters: key…, table.

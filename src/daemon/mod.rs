@@ -2,6 +2,7 @@
 //! the reader and one apply task per target until shutdown.
 
 pub mod periodic;
+pub mod side;
 pub mod slot;
 pub mod startup;
 pub mod verifier;
@@ -165,13 +166,12 @@ async fn run_inner(
     let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
         return Ok(()); // shutdown while waiting for a database
     };
-    // A copy while streaming: its owners are held at its snapshot's position.
+    // A copy while streaming: its owners (or their side streams) are held at its snapshot's
+    // position.
     let online = started.online.take();
-    let mut holds = online
-        .as_ref()
-        .map(|o| o.holds.clone())
-        .unwrap_or_default()
-        .into_iter();
+    let mut holds = std::mem::take(&mut started.holds).into_iter();
+    // The targets as the stream runs them (side streams included).
+    let streamed = started.settings.clone();
     let mut links = Vec::new();
     let mut tasks = Vec::new();
     let mut cancellers = Vec::new();
@@ -186,7 +186,7 @@ async fn run_inner(
         )])),
     }
     let mut copied_at = started.copied_at.into_iter();
-    for t in &settings.targets {
+    for t in &streamed.targets {
         let tables: Vec<String> = t.tables.iter().map(|t| t.to_string()).collect();
         metrics.init_target(&t.name, &tables);
     }
@@ -252,7 +252,7 @@ async fn run_inner(
         })
     });
     let reader = Reader::new(
-        settings.clone(),
+        streamed,
         started.tls,
         started.router,
         links,

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::side;
 use super::slot::{create_slot, decide_slot, SlotDecision};
 use super::{with_retry, DaemonError};
 use crate::apply::prepare::{connect_and_inspect, problems, Inspected};
@@ -66,6 +67,11 @@ pub struct Started {
     pub copied_at: Vec<HashMap<TableName, Lsn>>,
     /// A copy to run while streaming (tables added, or left unfinished by an earlier run).
     pub online: Option<crate::copy::OnlineCopy>,
+    /// The settings as the stream runs them: side streams (`super::side`) appended to the
+    /// targets, their tables taken from their targets.
+    pub settings: Settings,
+    /// Per target of `settings`: held at a copy's position (`link::hold`).
+    pub holds: Vec<Option<crate::link::hold::CopyHold>>,
 }
 
 fn startup(problems: Vec<String>) -> DaemonError {
@@ -211,9 +217,27 @@ pub async fn start(
         SlotDecision::Resume(lsn) => Some(lsn),
         SlotDecision::Create => None,
     };
+    // Side streams: tables copied while their target streams its others (`super::side`).
+    let (sides, joins) = match resume_at {
+        Some(m) => plan_sides(settings, &source, &inspected, &copies, &copy_plan, m).await?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let streamed = Settings {
+        targets: side::stream_targets(&settings.targets, &sides),
+        ..settings.clone()
+    };
+    // Side streams are inspected like targets (same database, their own progress row).
+    let mut inspected: Vec<Inspected> = inspected;
+    for t in &streamed.targets[settings.targets.len()..] {
+        match inspect_target(t, key(settings, &source, t), shutdown).await {
+            None => return Ok(None),
+            Some(Err(p)) => return Err(startup(p)),
+            Some(Ok(i)) => inspected.push(i),
+        }
+    }
     let wake = Arc::new(Notify::new());
     let started =
-        futures::future::join_all(settings.targets.iter().zip(inspected).map(|(t, i)| {
+        futures::future::join_all(streamed.targets.iter().zip(inspected).map(|(t, i)| {
             let (status_tx, status) = watch::channel(TargetStatus {
                 committed: Lsn::ZERO,
                 state: TargetState::Starting,
@@ -249,6 +273,17 @@ pub async fn start(
             .await
             .map_err(|e| startup(vec![e]))?;
     }
+    for (i, points) in &joins {
+        let t = &settings.targets[*i];
+        let mut client = target_client(t).await.map_err(|e| startup(vec![e]))?;
+        side::join(&mut client, &key(settings, &source, t), points)
+            .await
+            .map_err(|e| startup(vec![e]))?;
+        for (table, at) in points {
+            tracing::info!(target_name = %t.name, table = %table, at = %at, "the side stream joined its target");
+            copy_plan.copied_at[*i].insert(table.clone(), *at);
+        }
+    }
     let mut online = None;
     let confirmed = match resume_at {
         Some(lsn) if !copy_plan.copies() => lsn,
@@ -275,11 +310,27 @@ pub async fn start(
         // Later, under a temporary slot's snapshot, while the stream runs: the owners are held
         // at its position (`link::hold`), the others stream on.
         Some(lsn) => {
-            online =
-                Some(prepare_online_copy(settings, &tls, &source.system_id, &mut copy_plan).await?);
+            online = Some(
+                prepare_online_copy(settings, &tls, &source.system_id, &mut copy_plan, &sides)
+                    .await?,
+            );
             lsn
         }
     };
+    // Holds per streamed target: a side stream is held in its target's place.
+    let mut holds: Vec<Option<crate::link::hold::CopyHold>> = online
+        .as_ref()
+        .map(|o| o.holds.clone())
+        .unwrap_or_else(|| vec![None; settings.targets.len()]);
+    for s in &sides {
+        let h = if s.copying.is_empty() {
+            None
+        } else {
+            holds[s.target].take()
+        };
+        holds.push(h);
+    }
+    side::move_copied_at(&mut copy_plan.copied_at, &sides);
     crate::schema::finish_pending(settings)
         .await
         .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
@@ -289,7 +340,7 @@ pub async fn start(
             .map_err(|e| startup(vec![e]))?;
     }
     drop(client);
-    let mut router = Router::new(&settings.targets);
+    let mut router = Router::new(&streamed.targets);
     router.set_oids(&source.oids);
     Ok(Some(Started {
         router,
@@ -299,6 +350,8 @@ pub async fn start(
         wake,
         copied_at: copy_plan.copied_at,
         online,
+        settings: streamed,
+        holds,
     }))
 }
 
@@ -401,6 +454,7 @@ async fn copy_tables(
         lsn,
         progress: &progress,
         shutdown,
+        side: &[],
     };
     let result = crate::copy::run(&run, plan).await;
     reporter.abort();
@@ -428,14 +482,77 @@ async fn copy_tables(
     Ok(Some(lsn))
 }
 
+/// Plans side streams at a start that resumes at the slot's confirmed position `confirmed`:
+/// side tables that may join their target now (their join points), and per target the side
+/// stream that runs (tables it applies, tables this start copies onto it).
+#[allow(clippy::type_complexity)]
+async fn plan_sides(
+    settings: &Settings,
+    source: &SourceCatalog,
+    inspected: &[Inspected],
+    copies: &[TargetCopy],
+    plan: &CopyPlan,
+    confirmed: Lsn,
+) -> Result<(Vec<side::Side>, Vec<(usize, Vec<(TableName, Lsn)>)>), DaemonError> {
+    let mut sides = Vec::new();
+    let mut joins = Vec::new();
+    for (i, t) in settings.targets.iter().enumerate() {
+        let mut joined = side::side_tables(&copies[i]);
+        let copying: Vec<TableName> = plan
+            .jobs
+            .iter()
+            .filter(|j| j.owners.iter().any(|o| o.target == i))
+            .map(|j| j.table.clone())
+            .collect();
+        if joined.is_empty() && copying.is_empty() {
+            continue;
+        }
+        let client = target_client(t).await.map_err(|e| startup(vec![e]))?;
+        if !joined.is_empty() {
+            let at = side::side_progress(&client, &key(settings, source, t))
+                .await
+                .map_err(|e| startup(vec![e]))?;
+            let own = inspected[i].facts.progress;
+            if let Some(points) = side::join_points(&joined, at, confirmed, own) {
+                joins.push((i, points));
+                joined.clear();
+            }
+        }
+        // A side stream already running takes this start's copies too.
+        let beside = !copying.is_empty()
+            && (!joined.is_empty() || {
+                let refs = crate::copy::references(&client, &t.tables)
+                    .await
+                    .map_err(|e| {
+                        startup(vec![format!(
+                            "target {}: read foreign keys: {}",
+                            t.name,
+                            safe_pg_error(&e)
+                        )])
+                    })?;
+                side::may_stream_others(&t.tables, &copying, &refs)
+            });
+        if !joined.is_empty() || beside {
+            sides.push(side::Side {
+                target: i,
+                joined,
+                copying: if beside { copying } else { Vec::new() },
+            });
+        }
+    }
+    Ok((sides, joins))
+}
+
 /// Creates a temporary slot with an exported snapshot for the tables to copy while streaming,
 /// and holds their owners at its position (the stream skips, for these tables, what committed
-/// before it).
+/// before it). A target with a side stream for them (`sides`) streams its other tables on;
+/// its side stream is the one held.
 async fn prepare_online_copy(
     settings: &Settings,
     tls: &TlsConnector,
     system_id: &str,
     plan: &mut CopyPlan,
+    sides: &[side::Side],
 ) -> Result<crate::copy::OnlineCopy, DaemonError> {
     let mut conn = crate::source::conn::ReplicationConn::connect(&settings.source, tls)
         .await
@@ -456,7 +573,12 @@ async fn prepare_online_copy(
             holds[o.target].get_or_insert_with(|| crate::link::hold::CopyHold::new(lsn));
         }
     }
-    tracing::info!(slot, at = %lsn, tables = plan.jobs.len(), "copying while streaming: the owners of these tables are held at the snapshot's position, the other targets stream on");
+    let mut side = vec![false; settings.targets.len()];
+    for s in sides.iter().filter(|s| !s.copying.is_empty()) {
+        side[s.target] = true;
+        tracing::info!(target_name = %settings.targets[s.target].name, tables = s.copying.len(), at = %lsn, "copying beside the stream: the target streams its other tables on; a side stream takes the copied tables' changes from the snapshot's position");
+    }
+    tracing::info!(slot, at = %lsn, tables = plan.jobs.len(), "copying while streaming: the owners of these tables without a side stream are held at the snapshot's position, the other targets stream on");
     Ok(crate::copy::OnlineCopy {
         conn,
         snapshot,
@@ -464,6 +586,7 @@ async fn prepare_online_copy(
         system_id: system_id.to_string(),
         plan: plan.clone(),
         holds,
+        side,
     })
 }
 

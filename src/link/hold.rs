@@ -3,7 +3,9 @@
 //! position while the other targets stream on.
 //!
 //! The reader sends the target every transaction that commits before the position `at`, and
-//! none from there on (the target misses them, and the slot keeps them: it stays pending). Once
+//! none from there on (the target misses them, and the slot keeps them: it stays pending) —
+//! until the reader itself sees the release and restarts the stream: a target sent a later
+//! transaction before that restart would commit past the ones it missed. Once
 //! the target holds everything it was sent before `at`, the hold is *drained*: the target's
 //! tables stand exactly at `at`, as the copy's snapshot does, so the copy is consistent with
 //! them (foreign keys included). After the copy commits, the hold is *released* and the target
@@ -43,11 +45,6 @@ impl CopyHold {
         self.0.at
     }
 
-    /// Holds back a transaction whose commit record is at `final_lsn`.
-    pub fn holds(&self, final_lsn: Lsn) -> bool {
-        !self.is_released() && final_lsn >= self.0.at
-    }
-
     /// The target holds everything before `at` and takes nothing after: copy now.
     pub fn set_drained(&self) {
         self.0.drained.send_replace(true);
@@ -75,17 +72,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn holds_from_its_position_until_released() {
+    async fn drains_then_releases() {
         let h = CopyHold::new(Lsn(100));
-        assert!(!h.holds(Lsn(99)));
-        assert!(h.holds(Lsn(100)));
+        assert_eq!(h.at(), Lsn(100));
         let waiter = {
             let h = h.clone();
             tokio::spawn(async move { h.drained().await })
         };
         h.set_drained();
         waiter.await.unwrap();
+        assert!(!h.is_released());
         h.release();
-        assert!(!h.holds(Lsn(500)));
+        assert!(h.is_released());
     }
 }

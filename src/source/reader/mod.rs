@@ -546,7 +546,10 @@ impl Reader {
                     l.pass_hold(b.final_lsn);
                 }
                 let routes = self.links.iter().map(|l| {
-                    let held = l.hold.as_ref().is_some_and(|h| h.holds(b.final_lsn));
+                    // Held until the reader itself lets go (`check_holds`, which restarts the
+                    // stream at once): a target released by the copy but sent this
+                    // transaction before that restart would commit past the ones it missed.
+                    let held = l.hold.as_ref().is_some_and(|h| b.final_lsn >= h.at());
                     route_at_begin(Self::takes(l) && !held, b.final_lsn, l.pos.skip_below())
                 });
                 let xact = XactInfo {
