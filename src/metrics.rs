@@ -407,6 +407,30 @@ impl Metrics {
         self.set_target_state(target, "starting");
     }
 
+    /// Removes a target's series (a side stream that joined its target).
+    pub fn remove_target(&self, target: &str, tables: &[String]) {
+        for class in ERROR_CLASSES {
+            let _ = self.errors_total.remove_label_values(&[target, class]);
+        }
+        for table in tables {
+            for op in ["insert", "update", "delete", "truncate"] {
+                let _ = self.rows_applied.remove_label_values(&[target, table, op]);
+            }
+        }
+        let t = [target];
+        let _ = self.transactions_applied.remove_label_values(&t);
+        let _ = self.target_up.remove_label_values(&t);
+        let _ = self.target_lag_seconds.remove_label_values(&t);
+        let _ = self.target_committed_lsn.remove_label_values(&t);
+        let _ = self.target_stuck_seconds.remove_label_values(&t);
+        let _ = self.spool_bytes.remove_label_values(&t);
+        let _ = self.target_detached.remove_label_values(&t);
+        let _ = self.apply_batch_seconds.remove_label_values(&t);
+        for s in TARGET_STATES {
+            let _ = self.target_state.remove_label_values(&[target, s]);
+        }
+    }
+
     /// Sets the target's state series: 1 for `state`, 0 for the others.
     pub fn set_target_state(&self, target: &str, state: &str) {
         for s in TARGET_STATES {

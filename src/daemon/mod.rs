@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Settings};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::source::reader::{Reader, ReaderError, TargetLink};
+use crate::source::reader::{Reader, ReaderError, ReaderExit, TargetLink};
 
 /// Why the daemon stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +136,30 @@ pub async fn run_with_reload(
         ),
         None => None,
     };
-    let result = run_inner(&settings, &metrics, &health, &shutdown, reloads).await;
+    // A pipeline ends on shutdown, or stops cleanly once its side streams caught up: the next
+    // start joins them to their targets (once: a join that cannot happen waits for a restart).
+    let mut reloads = reloads;
+    let mut join = true;
+    let result = loop {
+        match run_inner(
+            &settings,
+            &metrics,
+            &health,
+            &shutdown,
+            reloads.take(),
+            join,
+        )
+        .await
+        {
+            Ok((ReaderExit::Join, r)) if !shutdown.is_cancelled() => {
+                tracing::info!("starting again to join the side streams to their targets");
+                reloads = r;
+                join = false;
+            }
+            Ok(_) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     if let Err(e) = &result {
         health.set_fatal(e.to_string());
     }
@@ -156,16 +179,25 @@ fn spool_dir(settings: &Settings) -> std::path::PathBuf {
         .unwrap_or_else(|| crate::config::default_spool_dir(&settings.slot))
 }
 
+/// Config reload requests (a path per SIGHUP).
+type Reloads = Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>;
+
+/// Runs one pipeline: start-up, then the stream until shutdown (or, with `join`, until its
+/// side streams caught up). Gives back the reload requests.
 async fn run_inner(
     settings: &Settings,
     metrics: &Metrics,
     health: &Health,
     shutdown: &CancellationToken,
-    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>,
-) -> Result<(), DaemonError> {
+    reloads: Reloads,
+    join: bool,
+) -> Result<(ReaderExit, Reloads), DaemonError> {
     let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
-        return Ok(()); // shutdown while waiting for a database
+        return Ok((ReaderExit::Stopped, reloads)); // shutdown while waiting for a database
     };
+    // This pipeline's tasks stop with it; `shutdown` stops the daemon.
+    let stop = shutdown.child_token();
+    let shutdown = &stop;
     // A copy while streaming: its owners (or their side streams) are held at its snapshot's
     // position.
     let online = started.online.take();
@@ -202,10 +234,12 @@ async fn run_inner(
         let committed = t.worker.committed();
         tracing::info!(target_name = %t.name, committed = %committed, "target ready");
         tasks.push(t.worker.spawn(rx));
+        let side = links.len() >= settings.targets.len();
         links.push(
             TargetLink::new(t.name, tx, t.status, committed)
                 .with_copied_at(copied_at.next().unwrap_or_default(), started.confirmed)
-                .with_hold(holds.next().flatten()),
+                .with_hold(holds.next().flatten())
+                .as_side(side),
         );
     }
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
@@ -252,7 +286,7 @@ async fn run_inner(
         })
     });
     let reader = Reader::new(
-        streamed,
+        streamed.clone(),
         started.tls,
         started.router,
         links,
@@ -261,7 +295,8 @@ async fn run_inner(
         metrics.clone(),
         health.clone(),
     )
-    .with_catalog_problems(problems_rx);
+    .with_catalog_problems(problems_rx)
+    .with_join_sides(join);
     let mut reader = tokio::spawn(reader.run(shutdown.clone()));
     crate::notify::ready();
     let stop_by = Duration::from_secs_f64(settings.apply.shutdown_secs);
@@ -273,7 +308,7 @@ async fn run_inner(
         }
     };
     shutdown.cancel();
-    let _ = periodic.await;
+    let reloads = periodic.await.ok().flatten();
     if let Some(v) = verifier {
         v.abort();
     }
@@ -294,11 +329,19 @@ async fn run_inner(
     if let Some(reason) = copy_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(DaemonError::Startup(vec![format!("copy: {reason}")]));
     }
-    match result {
-        Ok(r) => r.map_err(DaemonError::from),
-        Err(e) if e.is_cancelled() => Ok(()),
-        Err(e) => Err(DaemonError::Startup(vec![format!("reader task: {e}")])),
+    let exit = match result {
+        Ok(r) => r.map_err(DaemonError::from)?,
+        Err(e) if e.is_cancelled() => ReaderExit::Stopped,
+        Err(e) => return Err(DaemonError::Startup(vec![format!("reader task: {e}")])),
+    };
+    if exit == ReaderExit::Join {
+        // The side streams' series go: the next start joins them to their targets.
+        for t in &streamed.targets[settings.targets.len()..] {
+            let tables: Vec<String> = t.tables.iter().map(|t| t.to_string()).collect();
+            metrics.remove_target(&t.name, &tables);
+        }
     }
+    Ok((exit, reloads))
 }
 
 /// Waits for the reader to stop by `deadline` (`apply.shutdown_secs` after the request):
@@ -307,10 +350,10 @@ async fn run_inner(
 /// (what the slot was last confirmed stays confirmed; nothing is confirmed that a target did
 /// not make durable). The apply tasks' own wait ends at the same deadline.
 async fn bounded_stop(
-    reader: &mut tokio::task::JoinHandle<Result<(), ReaderError>>,
+    reader: &mut tokio::task::JoinHandle<Result<ReaderExit, ReaderError>>,
     cancellers: &[(String, crate::apply::Canceller)],
     deadline: tokio::time::Instant,
-) -> Result<Result<(), ReaderError>, tokio::task::JoinError> {
+) -> Result<Result<ReaderExit, ReaderError>, tokio::task::JoinError> {
     let now = tokio::time::Instant::now();
     let halfway = now + deadline.saturating_duration_since(now) / 2;
     if let Ok(r) = tokio::time::timeout_at(halfway, &mut *reader).await {
@@ -330,5 +373,5 @@ async fn bounded_stop(
         "stopping: the reader did not finish within apply.shutdown_secs; leaving without a final confirmation (the slot replays what was not confirmed, and targets skip what they hold)"
     );
     reader.abort();
-    Ok(Ok(()))
+    Ok(Ok(ReaderExit::Stopped))
 }

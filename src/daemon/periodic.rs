@@ -115,8 +115,12 @@ impl Periodic {
         }
     }
 
-    /// Runs until shutdown, reloading on each request (a config path from SIGHUP).
-    pub async fn run(mut self, mut reloads: Option<mpsc::UnboundedReceiver<PathBuf>>) {
+    /// Runs until shutdown, reloading on each request (a config path from SIGHUP); gives the
+    /// requests back (the daemon may run another pipeline with them).
+    pub async fn run(
+        mut self,
+        mut reloads: Option<mpsc::UnboundedReceiver<PathBuf>>,
+    ) -> Option<mpsc::UnboundedReceiver<PathBuf>> {
         loop {
             let next = async {
                 match reloads.as_mut() {
@@ -134,5 +138,6 @@ impl Periodic {
         }
         self.watch.abort();
         self.heartbeat.abort();
+        reloads
     }
 }

@@ -21,6 +21,12 @@
 //! clean stop `M` is past every target's progress, so the next start always joins. After a
 //! crash the side stream may run on until a start where it can.
 //!
+//! The daemon does not wait for an operator's restart: once every side stream has caught up
+//! (the reader sees it under a second behind for a few ticks, with no copy running), the
+//! reader stops cleanly (`ReaderExit::Join`) and the daemon starts its pipeline again in the
+//! same process — the start that joins them. It does so once per process: a join refused then
+//! waits for the next restart.
+//!
 //! Held instead (`link::hold`, the whole target waits at `C2`): a target whose copied tables
 //! are linked by a foreign key with its other tables (the copy, or the other tables' stream,
 //! would break it), or whose every table is being copied.

@@ -55,6 +55,9 @@ use txn::{route_at_begin, truncate_parts, AtCommit, OpenTxn, Relations};
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the reader recomputes lag and sends a changed confirmation.
 const TICK: Duration = Duration::from_secs(1);
+/// Ticks in a row a side stream must be caught up (less than a second behind) before the
+/// reader stops to join it.
+const JOIN_AFTER_TICKS: u32 = 3;
 
 /// Why streaming stopped.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,9 @@ pub struct TargetLink {
     hold_reached: Option<Lsn>,
     /// Released from a hold: it rejoins with one stream restart.
     rejoin: bool,
+    /// A side stream (`daemon::side`), and for how many ticks in a row it has had nothing in
+    /// flight.
+    side: Option<u32>,
 }
 
 impl TargetLink {
@@ -118,7 +124,15 @@ impl TargetLink {
             hold: None,
             hold_reached: None,
             rejoin: false,
+            side: None,
         }
+    }
+
+    /// Marks a side stream: once it has caught up, the reader stops cleanly so a new start
+    /// joins it to its target.
+    pub fn as_side(mut self, side: bool) -> TargetLink {
+        self.side = side.then_some(0);
+        self
     }
 
     /// Holds the target at a copy's snapshot position until the copy releases it.
@@ -164,6 +178,18 @@ impl TargetLink {
 enum StreamEnd {
     Shutdown,
     RetryTarget,
+    /// Every side stream caught up: stop cleanly so a new start joins them to their targets.
+    Join,
+}
+
+/// How the reader ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderExit {
+    /// Shutdown was requested.
+    Stopped,
+    /// Stopped cleanly because every side stream (`daemon::side`) caught up with the stream:
+    /// the daemon starts again, which joins them to their targets.
+    Join,
 }
 
 /// The reader task's state.
@@ -189,6 +215,8 @@ pub struct Reader {
     ddl_seen: HashSet<(TableName, String)>,
     /// Problems the periodic catalog check finds (`catalog::watch`).
     catalog_problems: Option<mpsc::UnboundedReceiver<CatalogProblem>>,
+    /// Stop cleanly once every side stream caught up (`ReaderExit::Join`).
+    join_sides: bool,
     /// The stop request (a wait for a full queue gives way to it).
     shutdown: CancellationToken,
 }
@@ -227,6 +255,7 @@ impl Reader {
             health,
             ddl_seen: HashSet::new(),
             catalog_problems: None,
+            join_sides: false,
             shutdown: CancellationToken::new(),
         }
     }
@@ -237,8 +266,15 @@ impl Reader {
         self
     }
 
+    /// Ends cleanly once every side stream has caught up, so the daemon starts again and joins
+    /// them to their targets.
+    pub fn with_join_sides(mut self, join: bool) -> Reader {
+        self.join_sides = join;
+        self
+    }
+
     /// Streams until `shutdown`, reconnecting with backoff after failures.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ReaderError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<ReaderExit, ReaderError> {
         self.shutdown = shutdown.clone();
         let mut attempts = 0u32;
         loop {
@@ -246,7 +282,10 @@ impl Reader {
             self.metrics.source_connected.set(0);
             self.health.set_source_connected(false);
             match result {
-                Ok(StreamEnd::Shutdown) | Err(ReaderError::Stopping) => return Ok(()),
+                Ok(StreamEnd::Shutdown) | Err(ReaderError::Stopping) => {
+                    return Ok(ReaderExit::Stopped)
+                }
+                Ok(StreamEnd::Join) => return Ok(ReaderExit::Join),
                 Ok(StreamEnd::RetryTarget) => {
                     attempts = 0;
                     self.barrier(self.restart_patience()).await?;
@@ -265,14 +304,14 @@ impl Reader {
                     );
                     self.barrier(self.restart_patience()).await?;
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = shutdown.cancelled() => return Ok(ReaderExit::Stopped),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
             self.metrics.stream_restarts.inc();
             if shutdown.is_cancelled() {
-                return Ok(());
+                return Ok(ReaderExit::Stopped);
             }
         }
     }
@@ -335,6 +374,32 @@ impl Reader {
         self.sent_confirmed = self.confirmed;
         self.last_status = Instant::now();
         Ok(())
+    }
+
+    /// Every side stream has been caught up (under a second behind, taking changes) for
+    /// `JOIN_AFTER_TICKS` ticks in a row, and no copy is running: a clean stop now lets the
+    /// next start join them (`daemon::side`).
+    fn sides_caught_up(&mut self) -> bool {
+        if !self.join_sides || !self.links.iter().any(|l| l.side.is_some()) {
+            return false;
+        }
+        let copying = self.links.iter().any(|l| l.hold.is_some() || l.rejoin);
+        let now = protocol::pg_now();
+        let mut all = true;
+        for l in &mut self.links {
+            let Some(ticks) = l.side.as_mut() else {
+                continue;
+            };
+            let (committed, taking) = {
+                let s = l.status.borrow();
+                (s.committed, s.accepts_changes())
+            };
+            let caught_up =
+                !copying && taking && !l.tx.is_detached() && l.pos.lag_secs(committed, now) < 1.0;
+            *ticks = if caught_up { *ticks + 1 } else { 0 };
+            all &= *ticks >= JOIN_AFTER_TICKS;
+        }
+        all
     }
 
     /// Held targets: drained once they hold everything dispatched before the hold's position
@@ -418,9 +483,15 @@ impl Reader {
     /// The end of a stream on shutdown: quiesce the targets (for at most most of
     /// `apply.shutdown_secs`: the daemon cancels statements that hold them up), confirm what is
     /// durable, close.
-    async fn stop_streaming(
+    async fn stop_streaming(&mut self, conn: ReplicationConn) -> Result<StreamEnd, ReaderError> {
+        self.end_streaming(conn, StreamEnd::Shutdown).await
+    }
+
+    /// [`Reader::stop_streaming`], ending with `end`.
+    async fn end_streaming(
         &mut self,
         mut conn: ReplicationConn,
+        end: StreamEnd,
     ) -> Result<StreamEnd, ReaderError> {
         let grace = Duration::from_secs_f64(self.settings.apply.shutdown_secs * 0.8);
         match tokio::time::timeout(grace, self.barrier(grace)).await {
@@ -433,7 +504,7 @@ impl Reader {
         }
         self.send_status(&mut conn, true).await?;
         conn.close().await;
-        Ok(StreamEnd::Shutdown)
+        Ok(end)
     }
 
     async fn stream_once(
@@ -485,6 +556,10 @@ impl Reader {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
                         return Ok(StreamEnd::RetryTarget);
+                    }
+                    if self.sides_caught_up() {
+                        tracing::info!("every side stream caught up; stopping cleanly to join them to their targets");
+                        return self.end_streaming(conn, StreamEnd::Join).await;
                     }
                     self.update_lag();
                     self.health.set_targets(self.target_statuses());
