@@ -1,5 +1,6 @@
-//! SIGHUP on a running pgcarve: live keys change at once, other changes are named as needing a
-//! restart, a broken file is rejected and the daemon runs on.
+//! SIGHUP on a running pgcarve: live keys change at once, a table added to a target is copied
+//! and streamed after the stream restarts inside the process, other changes are named as
+//! needing a restart, a broken file is rejected and the daemon runs on.
 
 use std::time::Duration;
 
@@ -36,12 +37,12 @@ async fn sighup_applies_live_keys_names_the_rest_and_survives_a_broken_file() {
         }
     };
 
-    // A live key and a table added: the first applies now, the second at the next restart.
-    env.targets[0].tables.push("more".into());
+    // A live key and a key that needs a restart: the first applies now, the second is named.
     std::fs::write(
         &config,
         env.config()
-            .replace("[source]\n", "[source]\nheartbeat_secs = 2\n"),
+            .replace("[source]\n", "[source]\nheartbeat_secs = 2\n")
+            .replace("retry_max_secs = 1.0", "retry_max_secs = 2.0"),
     )
     .unwrap();
     hup(&child);
@@ -54,9 +55,35 @@ async fn sighup_applies_live_keys_names_the_rest_and_survives_a_broken_file() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("source.heartbeat_secs"), "{text}");
     assert!(
-        text.contains("targets.svc.tables") && text.contains("take effect at the next restart"),
+        text.contains("apply.retry_max_secs") && text.contains("take effect at the next restart"),
         "{text}"
     );
+
+    // A table added to the target: the stream restarts with it, and it is copied (its rows
+    // from before) and streamed, while the target's other table streams on.
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO more SELECT g FROM generate_series(1, 500) g")
+        .await
+        .unwrap();
+    env.targets[0].tables.push("more".into());
+    std::fs::write(
+        &config,
+        env.config()
+            .replace("[source]\n", "[source]\nheartbeat_secs = 2\n"),
+    )
+    .unwrap();
+    hup(&child);
+    wait_until(
+        "the stream restarted with the new table",
+        Duration::from_secs(30),
+        log_has("starting again with the reloaded table lists"),
+    )
+    .await;
+    src.batch_execute("INSERT INTO more VALUES (501); INSERT INTO notes VALUES (2)")
+        .await
+        .unwrap();
+    env.wait_equal("svc", "more").await;
+    env.wait_equal("svc", "notes").await;
 
     // A broken file: rejected, and the daemon streams on.
     std::fs::write(&config, "[source]\nurl = 12\n").unwrap();

@@ -138,6 +138,8 @@ pub async fn run_with_reload(
     };
     // A pipeline ends on shutdown, or stops cleanly once its side streams caught up: the next
     // start joins them to their targets (once: a join that cannot happen waits for a restart).
+    // A reload that changes table lists starts it again with them.
+    let mut settings = settings;
     let mut reloads = reloads;
     let mut join = true;
     let result = loop {
@@ -151,10 +153,16 @@ pub async fn run_with_reload(
         )
         .await
         {
-            Ok((ReaderExit::Join, r)) if !shutdown.is_cancelled() => {
+            Ok((End::Join, r)) if !shutdown.is_cancelled() => {
                 tracing::info!("starting again to join the side streams to their targets");
                 reloads = r;
                 join = false;
+            }
+            Ok((End::Reload(new), r)) if !shutdown.is_cancelled() => {
+                tracing::info!("starting again with the reloaded table lists");
+                settings = *new;
+                reloads = r;
+                join = true;
             }
             Ok(_) => break Ok(()),
             Err(e) => break Err(e),
@@ -182,6 +190,16 @@ fn spool_dir(settings: &Settings) -> std::path::PathBuf {
 /// Config reload requests (a path per SIGHUP).
 type Reloads = Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>;
 
+/// Why a pipeline ended without an error.
+enum End {
+    /// Shutdown.
+    Stopped,
+    /// Its side streams caught up: start again to join them.
+    Join,
+    /// A reload changed table lists: start again with these settings.
+    Reload(Box<Settings>),
+}
+
 /// Runs one pipeline: start-up, then the stream until shutdown (or, with `join`, until its
 /// side streams caught up). Gives back the reload requests.
 async fn run_inner(
@@ -191,9 +209,9 @@ async fn run_inner(
     shutdown: &CancellationToken,
     reloads: Reloads,
     join: bool,
-) -> Result<(ReaderExit, Reloads), DaemonError> {
+) -> Result<(End, Reloads), DaemonError> {
     let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
-        return Ok((ReaderExit::Stopped, reloads)); // shutdown while waiting for a database
+        return Ok((End::Stopped, reloads)); // shutdown while waiting for a database
     };
     // This pipeline's tasks stop with it; `shutdown` stops the daemon.
     let stop = shutdown.child_token();
@@ -245,6 +263,7 @@ async fn run_inner(
     // The catalog check: what the stream cannot show (a routed table dropped, recreated,
     // unpublished, or with a replica identity that no longer publishes its changes).
     let (problems_tx, problems_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::unbounded_channel();
     let periodic = tokio::spawn(
         periodic::Periodic::start(
             settings,
@@ -254,6 +273,7 @@ async fn run_inner(
             metrics.clone(),
             shutdown.clone(),
         )
+        .restarting_with(restart_tx)
         .run(reloads),
     );
     let verifier = settings.verify_every.map(|every| {
@@ -300,9 +320,17 @@ async fn run_inner(
     let mut reader = tokio::spawn(reader.run(shutdown.clone()));
     crate::notify::ready();
     let stop_by = Duration::from_secs_f64(settings.apply.shutdown_secs);
+    let mut reload = None;
     let (result, deadline) = tokio::select! {
         r = &mut reader => (r, tokio::time::Instant::now() + Duration::from_secs(5)),
         _ = shutdown.cancelled() => {
+            let deadline = tokio::time::Instant::now() + stop_by;
+            (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
+        }
+        Some(new) = restart_rx.recv() => {
+            // A clean stop of this pipeline, as on shutdown; the next one runs the new lists.
+            reload = Some(Box::new(new));
+            shutdown.cancel();
             let deadline = tokio::time::Instant::now() + stop_by;
             (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
         }
@@ -334,14 +362,18 @@ async fn run_inner(
         Err(e) if e.is_cancelled() => ReaderExit::Stopped,
         Err(e) => return Err(DaemonError::Startup(vec![format!("reader task: {e}")])),
     };
+    if let Some(new) = reload {
+        return Ok((End::Reload(new), reloads));
+    }
     if exit == ReaderExit::Join {
         // The side streams' series go: the next start joins them to their targets.
         for t in &streamed.targets[settings.targets.len()..] {
             let tables: Vec<String> = t.tables.iter().map(|t| t.to_string()).collect();
             metrics.remove_target(&t.name, &tables);
         }
+        return Ok((End::Join, reloads));
     }
-    Ok((exit, reloads))
+    Ok((End::Stopped, reloads))
 }
 
 /// Waits for the reader to stop by `deadline` (`apply.shutdown_secs` after the request):

@@ -1,8 +1,9 @@
 //! The periodic source tasks (the catalog check, the heartbeat and retained-WAL reading) and
 //! SIGHUP: a reload re-reads the config file; the keys in `config::LIVE_KEYS` change the running
-//! tasks at once, every other changed key is named as taking effect at the next restart. A file
-//! that does not validate is rejected and the running config kept. Key names are logged, never
-//! values (a URL may hold a password).
+//! tasks at once; a change of targets' table lists (and nothing else) restarts the stream with
+//! them inside the process (added tables are copied while it streams); every other changed key
+//! is named as taking effect at the next restart. A file that does not validate is rejected and
+//! the running config kept. Key names are logged, never values (a URL may hold a password).
 
 use std::path::PathBuf;
 
@@ -16,6 +17,12 @@ use crate::source::ddl::CatalogProblem;
 use crate::table::TableName;
 use crate::tls::TlsConnector;
 
+/// `targets.NAME.tables`.
+fn is_table_list(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('.').collect();
+    matches!(parts.as_slice(), ["targets", _, "tables"])
+}
+
 /// The running periodic tasks and what they were started with.
 pub struct Periodic {
     settings: Settings,
@@ -26,6 +33,8 @@ pub struct Periodic {
     shutdown: CancellationToken,
     watch: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
+    /// Where a reload that changes table lists asks for a restart of the stream with them.
+    restart: Option<mpsc::UnboundedSender<Settings>>,
 }
 
 impl Periodic {
@@ -47,9 +56,16 @@ impl Periodic {
             shutdown,
             watch: tokio::spawn(async {}),
             heartbeat: tokio::spawn(async {}),
+            restart: None,
         };
         p.respawn();
         p
+    }
+
+    /// Sends a reload that changes targets' table lists (and nothing else) to `restart`.
+    pub fn restarting_with(mut self, restart: mpsc::UnboundedSender<Settings>) -> Periodic {
+        self.restart = Some(restart);
+        self
     }
 
     fn respawn(&mut self) {
@@ -99,6 +115,19 @@ impl Periodic {
         let (live, later): (Vec<String>, Vec<String>) = keys
             .into_iter()
             .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+        // Table lists of existing targets: the stream restarts with them, when nothing else
+        // waits for a restart.
+        let (tables, mut later): (Vec<String>, Vec<String>) =
+            later.into_iter().partition(|k| is_table_list(k));
+        if !tables.is_empty() {
+            match &self.restart {
+                Some(tx) if later.is_empty() => {
+                    tracing::info!(keys = ?tables, "reload: the routed tables changed; the stream restarts with them (added tables are copied while it streams)");
+                    let _ = tx.send(new.clone());
+                }
+                _ => later.extend(tables),
+            }
+        }
         if !live.is_empty() {
             let s = &mut self.settings;
             s.heartbeat = new.heartbeat;
