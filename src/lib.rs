@@ -51,6 +51,7 @@ pub mod notify;
 pub mod pg;
 pub mod pgoutput;
 pub mod route;
+pub mod rowhash;
 pub mod schema;
 pub mod secret;
 pub mod source;

@@ -502,3 +502,88 @@ async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_st
         "the side stream joined"
     );
 }
+
+/// Each row's `xmin` on a target: unchanged exactly when the row was not written again.
+async fn row_versions(env: &Env, target: &str) -> std::collections::HashMap<i64, String> {
+    env.target(target)
+        .await
+        .query("SELECT id, xmin::text FROM visits", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
+    let env = Env::new(
+        "CREATE TABLE visits (id bigint PRIMARY KEY, patient bigint, note text);",
+        &[("clinic", &["visits"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute(
+        "INSERT INTO visits SELECT g, g % 1000, 'zqnote' || g FROM generate_series(1, 400000) g;
+         ANALYZE visits;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[copy]\nchunk_rows = 10000\nparallel = 1\n",
+            env.config()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    wait_until("chunks of visits", Duration::from_secs(60), || async {
+        chunks_done(&env, "clinic", "public.visits").await >= 8
+    })
+    .await;
+    kill9(&mut child);
+    let before = row_versions(&env, "clinic").await;
+    assert!(
+        before.len() >= 50_000 && before.len() < 400_000,
+        "{} rows",
+        before.len()
+    );
+    // Meanwhile the monolith changes rows the target holds and rows it does not.
+    src.batch_execute(
+        "UPDATE visits SET note = 'zqchanged' WHERE id IN (5, 390000);
+         DELETE FROM visits WHERE id = 20005;
+         INSERT INTO visits VALUES (500000, 1, 'zqnew');",
+    )
+    .await
+    .unwrap();
+    child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    env.wait_equal("clinic", "visits").await;
+    let after = row_versions(&env, "clinic").await;
+    let kept = before
+        .iter()
+        .filter(|(id, xmin)| after.get(id) == Some(xmin))
+        .count();
+    assert!(
+        kept * 10 >= before.len() * 9,
+        "only {kept} of the {} rows already copied were kept",
+        before.len()
+    );
+    assert_ne!(
+        before.get(&5),
+        after.get(&5),
+        "the changed row's range was copied again"
+    );
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("zq"), "log leaks values");
+    assert!(text.contains("resumed"), "the resume was logged");
+}

@@ -12,7 +12,9 @@ const LAYERS: &[&[&str]] = &[
         "lsn", "backoff", "secret", "metrics", "notify", "conninfo", "tls", "pg", "table",
         "pgoutput",
     ],
-    &["config", "route", "link", "health", "http", "localpg"],
+    &[
+        "config", "route", "rowhash", "link", "health", "http", "localpg",
+    ],
     &["source", "apply"],
     &["copy", "schema", "teardown"],
     &["daemon", "check", "verify"],

@@ -111,6 +111,57 @@ pub enum Chunk {
     Blocks(u64, Option<u64>),
     /// One leaf partition of a partitioned table.
     Leaf(TableName),
+    /// Keys `from..to` of the single-column integer key (`None`: open), compared with what the
+    /// target holds first (a resumed copy, see [`Patch`]).
+    Keys(Option<i64>, Option<i64>),
+}
+
+/// A resumed copy that keeps what the target holds already: the table is read in key ranges;
+/// each range's checksum (`rowhash`) is compared on both sides (the source under the snapshot,
+/// the target in the chunk's transaction), and only a range that differs is emptied and copied
+/// again. Ranges of an earlier copy's finished chunks agree and are kept, whichever snapshot
+/// they were read under. For a table with a single-column integer key that no other table on
+/// an owner references and that does not reference itself (emptying a range must not cascade
+/// or fail), and is not partitioned.
+#[derive(Debug, Clone)]
+struct Patch {
+    /// The key, quoted.
+    key: String,
+    /// The columns as hashed (`rowhash::columns`).
+    hashed: String,
+    /// Rows found already there and kept.
+    kept: Arc<AtomicU64>,
+}
+
+impl Patch {
+    /// The condition selecting a key range.
+    fn range(&self, from: Option<i64>, to: Option<i64>) -> String {
+        let k = &self.key;
+        match (from, to) {
+            (None, None) => "true".into(),
+            (Some(a), None) => format!("{k} >= {a}"),
+            (None, Some(b)) => format!("{k} < {b}"),
+            (Some(a), Some(b)) => format!("{k} >= {a} AND {k} < {b}"),
+        }
+    }
+}
+
+/// Splits keys `lo..=hi` into about `n` ranges, the first open below and the last open above
+/// (pure): keys outside the span are covered.
+pub fn key_chunks(lo: i64, hi: i64, n: u64) -> Vec<Chunk> {
+    let span = i128::from(hi) - i128::from(lo) + 1;
+    let n = i128::from(n.max(1)).min(span.max(1));
+    if n <= 1 {
+        return vec![Chunk::Keys(None, None)];
+    }
+    let at = |i: i128| (i128::from(lo) + span * i / n) as i64;
+    (0..n)
+        .map(|i| {
+            let from = (i > 0).then(|| at(i));
+            let to = (i + 1 < n).then(|| at(i + 1));
+            Chunk::Keys(from, to)
+        })
+        .collect()
 }
 
 /// Splits a table of `pages` blocks and about `estimate` rows into block ranges of about
@@ -162,6 +213,8 @@ struct Prepared {
     binary: bool,
     chunks: Vec<Chunk>,
     estimate: u64,
+    /// A resumed copy keeping what its owners hold (chunks are then key ranges).
+    patch: Option<Patch>,
 }
 
 /// One run of the copy: the snapshot, the settings, and where it reports.
@@ -269,6 +322,7 @@ async fn prepare_table(
     src: &Client,
     job: &TableJob,
     self_referencing: bool,
+    referenced: bool,
 ) -> Result<Prepared, String> {
     let t = &job.table;
     let fail = |what: &str, e: tokio_postgres::Error| {
@@ -287,6 +341,7 @@ async fn prepare_table(
         .await
         .map_err(|e| fail("read size", e))?;
     let relkind: String = row.get(0);
+    let mut patch = None;
     let mut estimate = row.get::<_, i64>(1).max(0) as u64;
     let pages = row.get::<_, i64>(2).max(0) as u64;
     let never_analyzed: bool = row.get(3);
@@ -320,6 +375,24 @@ async fn prepare_table(
         }
     } else if self_referencing {
         vec![Chunk::Whole]
+    } else if job.owners.iter().any(|o| o.redo) && !referenced {
+        // Resumed: key ranges compared with what the owners hold (`Patch`), when the key
+        // allows.
+        match integer_key(src, t).await.map_err(|e| fail("read key", e))? {
+            Some((key, lo, hi)) => {
+                let hashed = crate::rowhash::columns(src, t)
+                    .await
+                    .map_err(|e| fail("read columns", e))?;
+                patch = Some(Patch {
+                    key,
+                    hashed,
+                    kept: Arc::new(AtomicU64::new(0)),
+                });
+                let range_rows = (chunk_rows / 10).max(1000);
+                key_chunks(lo, hi, estimate.div_ceil(range_rows))
+            }
+            None => block_chunks(pages, estimate, chunk_rows),
+        }
     } else {
         // Never analyzed: guess from the size (about 60 narrow rows per 8 kB block).
         if never_analyzed {
@@ -362,7 +435,49 @@ async fn prepare_table(
         binary,
         chunks,
         estimate,
+        patch,
     })
+}
+
+/// The table's single-column integer primary key (quoted) and its span under the snapshot;
+/// `None` without one (or without rows).
+async fn integer_key(
+    src: &Client,
+    t: &TableName,
+) -> Result<Option<(String, i64, i64)>, tokio_postgres::Error> {
+    let key: Vec<(String, String)> = src
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL) \
+             FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            &[&t.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let [(name, ty)] = key.as_slice() else {
+        return Ok(None);
+    };
+    if !matches!(ty.as_str(), "smallint" | "integer" | "bigint") {
+        return Ok(None);
+    }
+    let k = quote_ident(name);
+    let row = src
+        .query_one(
+            &format!(
+                "SELECT min({k})::bigint, max({k})::bigint FROM ONLY {}",
+                t.quoted()
+            ),
+            &[],
+        )
+        .await?;
+    Ok(
+        match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
+            (Some(lo), Some(hi)) => Some((k, lo, hi)),
+            _ => None,
+        },
+    )
 }
 
 /// The source statement of one chunk.
@@ -381,6 +496,13 @@ fn copy_out_sql(p: &Prepared, chunk: &Chunk) -> String {
             "COPY (SELECT {cols} FROM ONLY {}) TO STDOUT (FORMAT {fmt})",
             leaf.quoted()
         ),
+        Chunk::Keys(from, to) => {
+            let w = p
+                .patch
+                .as_ref()
+                .map_or_else(|| "true".to_string(), |x| x.range(*from, *to));
+            format!("COPY (SELECT {cols} FROM ONLY {t} WHERE {w}) TO STDOUT (FORMAT {fmt})")
+        }
         Chunk::Blocks(from, to) => {
             let upper = to
                 .map(|to| format!(" AND ctid < '({to},0)'::tid"))
@@ -451,7 +573,8 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         )
         .await
         .map_err(|e| err("forget chunks", e))?;
-        if o.redo {
+        // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ.
+        if o.redo && p.patch.is_none() {
             let q = p.job.table.quoted();
             // TRUNCATE is refused for a table other tables reference; DELETE is not.
             tx.batch_execute("SAVEPOINT empty")
@@ -495,6 +618,12 @@ async fn copy_chunk(
             .await
             .map_err(|e| format!("target {name}: begin: {}", safe_pg_error(&e)))?;
         owners.push((o.target, name, client));
+    }
+    if let (Some(patch), Chunk::Keys(from, to)) = (&p.patch, chunk) {
+        owners = keep_agreeing(run, p, patch, index, (*from, *to), &src, owners, rows).await?;
+        if owners.is_empty() {
+            return Ok(0);
+        }
     }
     let stream = src
         .copy_out(copy_out_sql(p, chunk).as_str())
@@ -591,6 +720,83 @@ async fn copy_chunk(
     Ok(n)
 }
 
+/// A resumed key range (`Patch`): on each owner whose range agrees with the source's, the
+/// chunk is recorded done and committed (its rows kept and counted); the others have the range
+/// emptied in their open transaction. Returns those, which take the range's copy.
+#[allow(clippy::too_many_arguments)]
+async fn keep_agreeing(
+    run: &CopyRun<'_>,
+    p: &Prepared,
+    patch: &Patch,
+    index: usize,
+    (from, to): (Option<i64>, Option<i64>),
+    src: &Client,
+    owners: Vec<(usize, String, Client)>,
+    rows: &AtomicU64,
+) -> Result<Vec<(usize, String, Client)>, String> {
+    let t = &p.job.table;
+    let range = patch.range(from, to);
+    let sql = format!(
+        "SELECT count(*), {} FROM ONLY {} WHERE {range}",
+        crate::rowhash::row_sum(&patch.hashed),
+        t.quoted()
+    );
+    let read = |r: tokio_postgres::Row| (r.get::<_, i64>(0), r.get::<_, String>(1));
+    let source = src
+        .query_one(&sql, &[])
+        .await
+        .map(read)
+        .map_err(|e| format!("source: table {t}: compare a range: {}", safe_pg_error(&e)))?;
+    let mut differing = Vec::with_capacity(owners.len());
+    for (target, name, client) in owners {
+        let err = |what: &str, e: tokio_postgres::Error| {
+            format!("target {name}: table {t}: {what}: {}", safe_pg_error(&e))
+        };
+        let there = client
+            .query_one(&sql, &[])
+            .await
+            .map(read)
+            .map_err(|e| err("compare a range", e))?;
+        if there != source {
+            client
+                .batch_execute(&format!("DELETE FROM ONLY {} WHERE {range}", t.quoted()))
+                .await
+                .map_err(|e| err("empty a range that differs", e))?;
+            differing.push((target, name, client));
+            continue;
+        }
+        let k = key(run, target);
+        let chunk_no = i32::try_from(index).unwrap_or(i32::MAX);
+        client
+            .execute(
+                state::CHUNK_DONE_SQL,
+                &[
+                    &k.system_id,
+                    &k.slot,
+                    &k.target,
+                    &t.to_string(),
+                    &run.lsn.to_string(),
+                    &chunk_no,
+                    &source.0,
+                ],
+            )
+            .await
+            .map_err(|e| err("record chunk", e))?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| err("commit chunk", e))?;
+        patch
+            .kept
+            .fetch_add(source.0.max(0) as u64, Ordering::Relaxed);
+    }
+    if differing.is_empty() {
+        // Progress counts the range once (a range copied to some owner counts as it copies).
+        rows.fetch_add(source.0.max(0) as u64, Ordering::Relaxed);
+    }
+    Ok(differing)
+}
+
 /// Marks a table copied on each owner.
 async fn end_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
     for o in &p.job.owners {
@@ -664,7 +870,10 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
     let mut prepared = HashMap::new();
     for j in &plan.jobs {
         let self_ref = refs.contains(&(j.table.clone(), j.table.clone()));
-        let p = prepare_table(run, &src, j, self_ref).await?;
+        let referenced = refs
+            .iter()
+            .any(|(child, parent)| parent == &j.table && child != parent);
+        let p = prepare_table(run, &src, j, self_ref, referenced).await?;
         let owners = j
             .owners
             .iter()
@@ -709,7 +918,15 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
             }
             if run.progress.chunk_done(&t) {
                 end_table(run, p).await?;
-                tracing::info!(table = %t, rows = p_rows(&prepared[&t].1), "copied");
+                match &p.patch {
+                    Some(patch) => tracing::info!(
+                        table = %t,
+                        rows = p_rows(&prepared[&t].1),
+                        kept = patch.kept.load(Ordering::Relaxed),
+                        "copied (resumed: rows the target already held in ranges that agree with the source were kept)"
+                    ),
+                    None => tracing::info!(table = %t, rows = p_rows(&prepared[&t].1), "copied"),
+                }
             }
         }
     }
@@ -872,6 +1089,22 @@ mod tests {
         );
         // Never more chunks than blocks.
         assert_eq!(block_chunks(2, 1_000_000, 1000).len(), 2);
+    }
+
+    #[test]
+    fn key_ranges_cover_every_key_once() {
+        assert_eq!(key_chunks(1, 1, 5), vec![Chunk::Keys(None, None)]);
+        assert_eq!(
+            key_chunks(1, 100, 3),
+            vec![
+                Chunk::Keys(None, Some(34)),
+                Chunk::Keys(Some(34), Some(67)),
+                Chunk::Keys(Some(67), None)
+            ]
+        );
+        // Never more ranges than keys, and no overflow at the ends of the type.
+        assert_eq!(key_chunks(5, 6, 10).len(), 2);
+        assert_eq!(key_chunks(i64::MIN, i64::MAX, 4).len(), 4);
     }
 
     #[test]

@@ -57,35 +57,6 @@ const ATTEMPTS: u32 = 3;
 /// Keys listed per kind of difference (the counts are always whole).
 const SAMPLE: usize = 20;
 
-/// Built-in types (by `typname`; their arrays too) whose hash function gives the same value
-/// for equal values on every cluster of the same byte order: compared by value, as `=` does.
-const HASHED_BY_VALUE: &[&str] = &[
-    "bool",
-    "char",
-    "name",
-    "int2",
-    "int4",
-    "int8",
-    "oid",
-    "float4",
-    "float8",
-    "numeric",
-    "text",
-    "varchar",
-    "bpchar",
-    "bytea",
-    "date",
-    "time",
-    "timetz",
-    "timestamp",
-    "timestamptz",
-    "interval",
-    "uuid",
-    "jsonb",
-    "inet",
-    "macaddr",
-];
-
 /// Session settings making the text form of values the same on both sides.
 const SESSION_SQL: &str = "SET extra_float_digits = 3; SET DateStyle = 'ISO'; \
     SET IntervalStyle = 'postgres'; SET lc_monetary = 'C'; SET TimeZone = 'UTC'; \
@@ -229,36 +200,8 @@ struct Shape {
 
 /// Reads the table's shape on the source.
 async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Error> {
-    // Each column cast to its base type where that type hashes by value the same way on every
-    // cluster, else to text (enums, user types and arrays or composites of them carry OIDs;
-    // json and a few others have no hash function).
-    let cols: Vec<String> = src
-        .query(
-            "WITH RECURSIVE col AS ( \
-                 SELECT a.attnum, a.attname, a.atttypid AS typ, 0 AS depth FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
-                   AND a.attgenerated = '' \
-               UNION ALL \
-                 SELECT col.attnum, col.attname, t.typbasetype, col.depth + 1 \
-                 FROM col JOIN pg_type t ON t.oid = col.typ WHERE t.typtype = 'd' \
-             ) \
-             SELECT DISTINCT ON (col.attnum) col.attname::text, t.typname::text \
-             FROM col JOIN pg_type t ON t.oid = col.typ ORDER BY col.attnum, col.depth DESC",
-            &[&t.quoted()],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            let (name, base): (String, String) = (r.get(0), r.get(1));
-            let elem = base.strip_prefix('_').unwrap_or(&base);
-            let cast = if HASHED_BY_VALUE.contains(&elem) {
-                quote_ident(&base)
-            } else {
-                "text".to_string()
-            };
-            format!("{}::{cast}", quote_ident(&name))
-        })
-        .collect();
+    // Each column as `rowhash` hashes it (by value, or by its text).
+    let columns = crate::rowhash::columns(src, t).await?;
     let key: Vec<(String, String)> = src
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
@@ -288,7 +231,7 @@ async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Err
             .join(" || ',' || ")
     });
     Ok(Shape {
-        columns: cols.join(", "),
+        columns,
         int_key,
         single_key,
         key_text,
@@ -310,15 +253,14 @@ fn range_sql(shape: &Shape, r: Range) -> String {
     }
 }
 
-/// A row's 64-bit hash: each column hashed by its type's hash function (by value: `1.0`
-/// and `1.00` are equal, as `=` says), combined.
+/// A row's 64-bit hash (`rowhash`).
 fn row_hash(shape: &Shape) -> String {
-    format!("hash_record_extended(ROW({}), 0)", shape.columns)
+    crate::rowhash::row_hash(&shape.columns)
 }
 
-/// The checksum of a set of rows: the exact sum of each row's 64-bit hash, as text.
+/// The checksum of a set of rows (`rowhash`).
 fn row_sum(shape: &Shape) -> String {
-    format!("coalesce(sum({}), 0)::text", row_hash(shape))
+    crate::rowhash::row_sum(&shape.columns)
 }
 
 /// A row's hash bucket under `modulus` (of the key, or of the whole row without one).
