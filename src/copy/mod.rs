@@ -34,11 +34,14 @@
 //! A large table is read in ranges of blocks (`ctid`, one TID range scan each), in parallel, all
 //! under the same snapshot: within one snapshot every row version has one place, so the ranges
 //! partition the table exactly. Across snapshots they do not (an UPDATE moves a row to another
-//! block), so chunks finished under one snapshot cannot be combined with chunks read under
-//! another: a table whose copy stopped halfway is emptied and copied again as a whole under the
-//! new snapshot, while tables that finished are never copied again. (Key ranges would let
-//! finished chunks survive, at the price of an index scan per range and of per-row skip
-//! decisions in the stream for keys that move between ranges; not done yet.)
+//! block), so block ranges finished under one snapshot are not combined with ranges read under
+//! another. A table whose copy stopped halfway is instead resumed in *key ranges* under the new
+//! snapshot, each compared with what the target holds ([`Patch`]): a range whose checksum
+//! agrees on both sides is kept as it is — whichever snapshot its rows were copied under, they
+//! now equal the new snapshot's — and only a range that differs is emptied and copied again, in
+//! one transaction with its chunk row. (For a table with a single-column integer key that no
+//! other table on an owner references; any other unfinished table is emptied and copied again
+//! as a whole.) Tables that finished are never copied again.
 //!
 //! A partitioned table is read one leaf partition per chunk and written to the routed (root)
 //! table. A table that references itself is read in one chunk (its foreign key is checked at
@@ -844,19 +847,17 @@ async fn record_failure(run: &CopyRun<'_>, p: &Prepared, reason: &str) {
 /// Copies every table of `plan` under the run's snapshot. Errors name the table, target and
 /// SQLSTATE, never a value.
 pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
-    // Which tables reference which, on each owner.
+    // Which tables reference which, on each owner (among all its tables: a resumed copy must
+    // know whether a table it does not copy references one it does).
     let mut refs = HashSet::new();
-    let mut per_target: HashMap<usize, Vec<TableName>> = HashMap::new();
-    for j in &plan.jobs {
-        for o in &j.owners {
-            per_target
-                .entry(o.target)
-                .or_default()
-                .push(j.table.clone());
-        }
-    }
-    for (target, tables) in &per_target {
+    let owners: HashSet<usize> = plan
+        .jobs
+        .iter()
+        .flat_map(|j| j.owners.iter().map(|o| o.target))
+        .collect();
+    for target in &owners {
         let client = connect_target(run, *target).await?;
+        let tables = &run.settings.targets[*target].tables;
         let r = references(&client, tables).await.map_err(|e| {
             format!(
                 "target {}: read foreign keys: {}",
