@@ -119,24 +119,50 @@ pub enum Chunk {
     Keys(Option<i64>, Option<i64>),
 }
 
-/// A resumed copy that keeps what the target holds already: the table is read in key ranges;
-/// each range's checksum (`rowhash`) is compared on both sides (the source under the snapshot,
-/// the target in the chunk's transaction), and only a range that differs is emptied and copied
-/// again. Ranges of an earlier copy's finished chunks agree and are kept, whichever snapshot
-/// they were read under. For a table with a single-column integer key that no other table on
-/// an owner references and that does not reference itself (emptying a range must not cascade
-/// or fail), and is not partitioned.
+/// A resumed copy that keeps what the target holds already: the table is split in key ranges,
+/// every range's checksum (`rowhash`) read in one scan on the source (under the snapshot) and
+/// one on each owner (when the copy of the table begins there); a range that agrees is
+/// recorded done in that same transaction and kept, a range that differs is emptied there and
+/// copied again — consecutive ones together, as one chunk of about `copy.chunk_rows` rows.
+/// Ranges of an earlier copy's finished chunks agree whichever snapshot they were read under.
+/// For a table with a single-column integer key that no other table on an owner references
+/// and that does not reference itself (emptying a range must not cascade or fail), and is not
+/// partitioned.
 #[derive(Debug, Clone)]
 struct Patch {
     /// The key, quoted.
     key: String,
     /// The columns as hashed (`rowhash::columns`).
     hashed: String,
+    /// Per range (bucket 1, 2, … of `width_bucket` over the ranges' lower bounds): the source's
+    /// row count and checksum; a range without rows is absent.
+    source: Arc<HashMap<i64, (i64, String)>>,
     /// Rows found already there and kept.
     kept: Arc<AtomicU64>,
+    /// Per owner (target index): the ranges to copy there, found when its copy began.
+    todo: Arc<std::sync::Mutex<HashMap<usize, Vec<usize>>>>,
 }
 
 impl Patch {
+    /// Every range's (count, checksum) in one scan, keyed like `source`.
+    fn checksums_sql(&self, table: &TableName, chunks: &[Chunk]) -> String {
+        let lows: Vec<String> = chunks
+            .iter()
+            .map(|c| match c {
+                Chunk::Keys(from, _) => from.unwrap_or(i64::MIN).to_string(),
+                _ => i64::MIN.to_string(),
+            })
+            .collect();
+        format!(
+            "SELECT width_bucket({k}::bigint, '{{{lows}}}'::bigint[])::bigint, count(*), {sum} \
+             FROM ONLY {t} GROUP BY 1",
+            k = self.key,
+            lows = lows.join(","),
+            sum = crate::rowhash::row_sum(&self.hashed),
+            t = table.quoted()
+        )
+    }
+
     /// The condition selecting a key range.
     fn range(&self, from: Option<i64>, to: Option<i64>) -> String {
         let k = &self.key;
@@ -349,6 +375,10 @@ async fn prepare_table(
     let pages = row.get::<_, i64>(2).max(0) as u64;
     let never_analyzed: bool = row.get(3);
     let chunk_rows = run.settings.copy.chunk_rows;
+    // Never analyzed: guess from the size (about 60 narrow rows per 8 kB block).
+    if never_analyzed && relkind != "p" {
+        estimate = pages * 60;
+    }
     let chunks = if relkind == "p" {
         let leaves = src
             .query(
@@ -386,21 +416,25 @@ async fn prepare_table(
                 let hashed = crate::rowhash::columns(src, t)
                     .await
                     .map_err(|e| fail("read columns", e))?;
-                patch = Some(Patch {
+                let ranges = key_chunks(lo, hi, estimate.div_ceil(range_rows(chunk_rows)));
+                let mut x = Patch {
                     key,
                     hashed,
+                    source: Arc::default(),
                     kept: Arc::new(AtomicU64::new(0)),
-                });
-                let range_rows = (chunk_rows / 10).max(1000);
-                key_chunks(lo, hi, estimate.div_ceil(range_rows))
+                    todo: Arc::default(),
+                };
+                x.source = Arc::new(
+                    checksums(src, &x.checksums_sql(t, &ranges))
+                        .await
+                        .map_err(|e| fail("compare ranges", e))?,
+                );
+                patch = Some(x);
+                ranges
             }
             None => block_chunks(pages, estimate, chunk_rows),
         }
     } else {
-        // Never analyzed: guess from the size (about 60 narrow rows per 8 kB block).
-        if never_analyzed {
-            estimate = pages * 60;
-        }
         block_chunks(pages, estimate, chunk_rows)
     };
     // Binary only when every owner has every column with the same type, and the type's binary
@@ -440,6 +474,29 @@ async fn prepare_table(
         estimate,
         patch,
     })
+}
+
+/// Rows per key range of a resumed copy: fine enough that the ranges an earlier copy finished
+/// are kept nearly whole (consecutive ranges to copy travel together).
+fn range_rows(chunk_rows: u64) -> u64 {
+    (chunk_rows / 20).max(1000)
+}
+
+/// Runs a [`Patch::checksums_sql`] query.
+async fn checksums(
+    c: &impl tokio_postgres::GenericClient,
+    sql: &str,
+) -> Result<HashMap<i64, (i64, String)>, tokio_postgres::Error> {
+    Ok(c.query(sql, &[])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                (r.get::<_, i64>(1), r.get::<_, String>(2)),
+            )
+        })
+        .collect())
 }
 
 /// The table's single-column integer primary key (quoted) and its span under the snapshot;
@@ -577,7 +634,53 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         .await
         .map_err(|e| err("forget chunks", e))?;
         // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ.
-        if o.redo && p.patch.is_none() {
+        if let Some(patch) = &p.patch {
+            let there = checksums(&tx, &patch.checksums_sql(&p.job.table, &p.chunks))
+                .await
+                .map_err(|e| err("compare ranges", e))?;
+            let mut todo = Vec::new();
+            for (i, chunk) in p.chunks.iter().enumerate() {
+                let bucket = i as i64 + 1;
+                let source = patch.source.get(&bucket);
+                if source == there.get(&bucket) {
+                    let n = source.map_or(0, |s| s.0);
+                    tx.execute(
+                        state::CHUNK_DONE_SQL,
+                        &[
+                            &k.system_id,
+                            &k.slot,
+                            &k.target,
+                            &t,
+                            &run.lsn.to_string(),
+                            &(i as i32),
+                            &n,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| err("record chunk", e))?;
+                    patch.kept.fetch_add(n.max(0) as u64, Ordering::Relaxed);
+                    continue;
+                }
+                if there.contains_key(&bucket) {
+                    let Chunk::Keys(from, to) = chunk else {
+                        continue;
+                    };
+                    tx.batch_execute(&format!(
+                        "DELETE FROM ONLY {} WHERE {}",
+                        p.job.table.quoted(),
+                        patch.range(*from, *to)
+                    ))
+                    .await
+                    .map_err(|e| err("empty a range that differs", e))?;
+                }
+                todo.push(i);
+            }
+            patch
+                .todo
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .insert(o.target, todo);
+        } else if o.redo {
             let q = p.job.table.quoted();
             // TRUNCATE is refused for a table other tables reference; DELETE is not.
             tx.batch_execute("SAVEPOINT empty")
@@ -605,15 +708,24 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
 async fn copy_chunk(
     run: &CopyRun<'_>,
     p: &Prepared,
-    index: usize,
+    unit: &Unit,
     rows: &AtomicU64,
 ) -> Result<u64, String> {
     let t = &p.job.table;
-    let chunk = &p.chunks[index];
+    let chunk = match (&p.chunks[unit.first], &p.chunks[unit.last]) {
+        (Chunk::Keys(from, _), Chunk::Keys(_, to)) => Chunk::Keys(*from, *to),
+        (c, _) => c.clone(),
+    };
+    let chunk = &chunk;
     let src = snapshot_conn(run).await?;
     let mut owners = Vec::with_capacity(p.job.owners.len());
     let in_sql = copy_in_sql(p);
-    for o in &p.job.owners {
+    for o in p
+        .job
+        .owners
+        .iter()
+        .filter(|o| unit.owners.as_ref().is_none_or(|x| x.contains(&o.target)))
+    {
         let name = run.settings.targets[o.target].name.clone();
         let client = connect_target(run, o.target).await?;
         client
@@ -621,12 +733,6 @@ async fn copy_chunk(
             .await
             .map_err(|e| format!("target {name}: begin: {}", safe_pg_error(&e)))?;
         owners.push((o.target, name, client));
-    }
-    if let (Some(patch), Chunk::Keys(from, to)) = (&p.patch, chunk) {
-        owners = keep_agreeing(run, p, patch, index, (*from, *to), &src, owners, rows).await?;
-        if owners.is_empty() {
-            return Ok(0);
-        }
     }
     let stream = src
         .copy_out(copy_out_sql(p, chunk).as_str())
@@ -689,30 +795,36 @@ async fn copy_chunk(
     let n = copied.unwrap_or(counted);
     rows.fetch_add(n.saturating_sub(counted), Ordering::Relaxed);
     let lsn = run.lsn.to_string();
-    let chunk_no = i32::try_from(index).unwrap_or(i32::MAX);
     let n_i64 = i64::try_from(n).unwrap_or(i64::MAX);
+    // Each chunk of the unit gets its row: a resumed table's ranges with the source's count.
+    let per_chunk = |i: usize| match &p.patch {
+        Some(patch) => patch.source.get(&(i as i64 + 1)).map_or(0, |x| x.0),
+        None => n_i64,
+    };
     for (target, name, client) in &owners {
         let k = key(run, *target);
-        client
-            .execute(
-                state::CHUNK_DONE_SQL,
-                &[
-                    &k.system_id,
-                    &k.slot,
-                    &k.target,
-                    &t.to_string(),
-                    &lsn,
-                    &chunk_no,
-                    &n_i64,
-                ],
-            )
-            .await
-            .map_err(|e| {
-                format!(
-                    "target {name}: table {t}: record chunk: {}",
-                    safe_pg_error(&e)
+        for i in unit.first..=unit.last {
+            client
+                .execute(
+                    state::CHUNK_DONE_SQL,
+                    &[
+                        &k.system_id,
+                        &k.slot,
+                        &k.target,
+                        &t.to_string(),
+                        &lsn,
+                        &i32::try_from(i).unwrap_or(i32::MAX),
+                        &per_chunk(i),
+                    ],
                 )
-            })?;
+                .await
+                .map_err(|e| {
+                    format!(
+                        "target {name}: table {t}: record chunk: {}",
+                        safe_pg_error(&e)
+                    )
+                })?;
+        }
         client.batch_execute("COMMIT").await.map_err(|e| {
             format!(
                 "target {name}: table {t}: commit chunk: {}",
@@ -721,83 +833,6 @@ async fn copy_chunk(
         })?;
     }
     Ok(n)
-}
-
-/// A resumed key range (`Patch`): on each owner whose range agrees with the source's, the
-/// chunk is recorded done and committed (its rows kept and counted); the others have the range
-/// emptied in their open transaction. Returns those, which take the range's copy.
-#[allow(clippy::too_many_arguments)]
-async fn keep_agreeing(
-    run: &CopyRun<'_>,
-    p: &Prepared,
-    patch: &Patch,
-    index: usize,
-    (from, to): (Option<i64>, Option<i64>),
-    src: &Client,
-    owners: Vec<(usize, String, Client)>,
-    rows: &AtomicU64,
-) -> Result<Vec<(usize, String, Client)>, String> {
-    let t = &p.job.table;
-    let range = patch.range(from, to);
-    let sql = format!(
-        "SELECT count(*), {} FROM ONLY {} WHERE {range}",
-        crate::rowhash::row_sum(&patch.hashed),
-        t.quoted()
-    );
-    let read = |r: tokio_postgres::Row| (r.get::<_, i64>(0), r.get::<_, String>(1));
-    let source = src
-        .query_one(&sql, &[])
-        .await
-        .map(read)
-        .map_err(|e| format!("source: table {t}: compare a range: {}", safe_pg_error(&e)))?;
-    let mut differing = Vec::with_capacity(owners.len());
-    for (target, name, client) in owners {
-        let err = |what: &str, e: tokio_postgres::Error| {
-            format!("target {name}: table {t}: {what}: {}", safe_pg_error(&e))
-        };
-        let there = client
-            .query_one(&sql, &[])
-            .await
-            .map(read)
-            .map_err(|e| err("compare a range", e))?;
-        if there != source {
-            client
-                .batch_execute(&format!("DELETE FROM ONLY {} WHERE {range}", t.quoted()))
-                .await
-                .map_err(|e| err("empty a range that differs", e))?;
-            differing.push((target, name, client));
-            continue;
-        }
-        let k = key(run, target);
-        let chunk_no = i32::try_from(index).unwrap_or(i32::MAX);
-        client
-            .execute(
-                state::CHUNK_DONE_SQL,
-                &[
-                    &k.system_id,
-                    &k.slot,
-                    &k.target,
-                    &t.to_string(),
-                    &run.lsn.to_string(),
-                    &chunk_no,
-                    &source.0,
-                ],
-            )
-            .await
-            .map_err(|e| err("record chunk", e))?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| err("commit chunk", e))?;
-        patch
-            .kept
-            .fetch_add(source.0.max(0) as u64, Ordering::Relaxed);
-    }
-    if differing.is_empty() {
-        // Progress counts the range once (a range copied to some owner counts as it copies).
-        rows.fetch_add(source.0.max(0) as u64, Ordering::Relaxed);
-    }
-    Ok(differing)
 }
 
 /// Marks a table copied on each owner.
@@ -893,23 +928,52 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
         for t in &level {
             begin_table(run, &prepared[t].0).await?;
         }
-        let chunks: Vec<(TableName, usize)> = level
-            .iter()
-            .flat_map(|t| (0..prepared[t].0.chunks.len()).map(move |i| (t.clone(), i)))
-            .collect();
+        // What to copy: every chunk; of a resumed table (`Patch`), the ranges some owner
+        // lacks, consecutive ones together. Ranges every owner holds are done already.
+        let mut units: Vec<(TableName, Unit)> = Vec::new();
+        let mut finished: Vec<TableName> = Vec::new();
+        for t in &level {
+            let (p, counter) = &prepared[t];
+            let Some(patch) = &p.patch else {
+                units.extend((0..p.chunks.len()).map(|i| (t.clone(), Unit::one(i))));
+                continue;
+            };
+            let todo = patch.todo.lock().unwrap_or_else(|x| x.into_inner()).clone();
+            let source_rows = |i: usize| patch.source.get(&(i as i64 + 1)).map_or(0, |x| x.0);
+            let planned = patch_units(
+                p.chunks.len(),
+                &todo,
+                &source_rows,
+                run.settings.copy.chunk_rows,
+            );
+            let copying: HashSet<usize> = planned.iter().flat_map(|u| u.first..=u.last).collect();
+            let mut all_done = false;
+            for i in (0..p.chunks.len()).filter(|i| !copying.contains(i)) {
+                counter.fetch_add(source_rows(i).max(0) as u64, Ordering::Relaxed);
+                all_done = run.progress.chunk_done(t);
+            }
+            if all_done {
+                finished.push(t.clone());
+            }
+            units.extend(planned.into_iter().map(|u| (t.clone(), u)));
+        }
+        for t in &finished {
+            end_table(run, &prepared[t].0).await?;
+            log_copied(t, &prepared[t]);
+        }
         let prepared = &prepared;
-        let mut results = futures::stream::iter(chunks)
-            .map(|(t, i)| async move {
+        let mut results = futures::stream::iter(units)
+            .map(|(t, unit)| async move {
                 let (p, counter) = &prepared[&t];
                 run.progress.chunk_started(&t);
                 let r = tokio::select! {
-                    r = copy_chunk(run, p, i, counter) => r,
+                    r = copy_chunk(run, p, &unit, counter) => r,
                     _ = run.shutdown.cancelled() => Err("stopped during the copy (it resumes at the next start)".into()),
                 };
-                (t, r)
+                (t, unit, r)
             })
             .buffer_unordered(run.settings.copy.parallel);
-        while let Some((t, r)) = results.next().await {
+        while let Some((t, unit, r)) = results.next().await {
             let (p, _) = &prepared[&t];
             if let Err(reason) = r {
                 if !run.shutdown.is_cancelled() {
@@ -917,21 +981,96 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
                 }
                 return Err(reason);
             }
-            if run.progress.chunk_done(&t) {
+            let mut done = false;
+            for _ in unit.first..=unit.last {
+                done = run.progress.chunk_done(&t);
+            }
+            if done {
                 end_table(run, p).await?;
-                match &p.patch {
-                    Some(patch) => tracing::info!(
-                        table = %t,
-                        rows = p_rows(&prepared[&t].1),
-                        kept = patch.kept.load(Ordering::Relaxed),
-                        "copied (resumed: rows the target already held in ranges that agree with the source were kept)"
-                    ),
-                    None => tracing::info!(table = %t, rows = p_rows(&prepared[&t].1), "copied"),
-                }
+                log_copied(&t, &prepared[&t]);
             }
         }
     }
     Ok(())
+}
+
+/// The log line of a copied table.
+fn log_copied(t: &TableName, (p, counter): &(Prepared, Arc<AtomicU64>)) {
+    match &p.patch {
+        Some(patch) => tracing::info!(
+            table = %t,
+            rows = p_rows(counter),
+            kept = patch.kept.load(Ordering::Relaxed),
+            "copied (resumed: rows the target already held in ranges that agree with the source were kept)"
+        ),
+        None => tracing::info!(table = %t, rows = p_rows(counter), "copied"),
+    }
+}
+
+/// What one copy statement reads: chunks `first..=last` (consecutive key ranges of a resumed
+/// table, or one chunk), for `owners` (target indexes; `None`: every owner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unit {
+    first: usize,
+    last: usize,
+    owners: Option<Vec<usize>>,
+}
+
+impl Unit {
+    fn one(i: usize) -> Unit {
+        Unit {
+            first: i,
+            last: i,
+            owners: None,
+        }
+    }
+}
+
+/// Groups the ranges of a resumed table that owners lack (`todo`: per owner) into units:
+/// consecutive ranges lacked by the same owners, up to about `max_rows` source rows (pure).
+fn patch_units(
+    ranges: usize,
+    todo: &HashMap<usize, Vec<usize>>,
+    rows: &dyn Fn(usize) -> i64,
+    max_rows: u64,
+) -> Vec<Unit> {
+    let owners_of = |i: usize| -> Vec<usize> {
+        let mut o: Vec<usize> = todo
+            .iter()
+            .filter(|(_, r)| r.contains(&i))
+            .map(|(t, _)| *t)
+            .collect();
+        o.sort_unstable();
+        o
+    };
+    let mut out: Vec<Unit> = Vec::new();
+    let mut size = 0u64;
+    for i in 0..ranges {
+        let owners = owners_of(i);
+        if owners.is_empty() {
+            continue;
+        }
+        let n = rows(i).max(0) as u64;
+        match out.last_mut() {
+            Some(u)
+                if u.last + 1 == i
+                    && u.owners.as_deref() == Some(&owners[..])
+                    && size + n <= max_rows =>
+            {
+                u.last = i;
+                size += n;
+            }
+            _ => {
+                out.push(Unit {
+                    first: i,
+                    last: i,
+                    owners: Some(owners),
+                });
+                size = n;
+            }
+        }
+    }
+    out
 }
 
 fn p_rows(counter: &Arc<AtomicU64>) -> u64 {
@@ -1090,6 +1229,23 @@ mod tests {
         );
         // Never more chunks than blocks.
         assert_eq!(block_chunks(2, 1_000_000, 1000).len(), 2);
+    }
+
+    #[test]
+    fn ranges_to_copy_travel_together_when_the_same_owners_lack_them() {
+        let todo = HashMap::from([(0usize, vec![1, 2, 3, 6]), (1usize, vec![3])]);
+        let units = patch_units(8, &todo, &|_| 10, 25);
+        let spans: Vec<(usize, usize, Vec<usize>)> = units
+            .iter()
+            .map(|u| (u.first, u.last, u.owners.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![(1, 2, vec![0]), (3, 3, vec![0, 1]), (6, 6, vec![0])]
+        );
+        // A size limit splits a run.
+        let one = HashMap::from([(0usize, vec![0, 1, 2, 3])]);
+        assert_eq!(patch_units(4, &one, &|_| 10, 20).len(), 2);
     }
 
     #[test]

@@ -139,7 +139,9 @@ pub async fn run_with_reload(
     // A pipeline ends on shutdown, or stops cleanly once its side streams caught up: the next
     // start joins them to their targets (once: a join that cannot happen waits for a restart).
     // A reload that changes table lists starts it again with them.
+    // If the new lists cannot start, the running ones start again.
     let mut settings = settings;
+    let mut previous: Option<Settings> = None;
     let mut reloads = reloads;
     let mut join = true;
     let result = loop {
@@ -157,15 +159,22 @@ pub async fn run_with_reload(
                 tracing::info!("starting again to join the side streams to their targets");
                 reloads = r;
                 join = false;
+                previous = None;
             }
             Ok((End::Reload(new), r)) if !shutdown.is_cancelled() => {
                 tracing::info!("starting again with the reloaded table lists");
-                settings = *new;
+                previous = Some(std::mem::replace(&mut settings, *new));
                 reloads = r;
                 join = true;
             }
             Ok(_) => break Ok(()),
-            Err(e) => break Err(e),
+            Err(Fail::AtStart(reason, r)) if previous.is_some() && !shutdown.is_cancelled() => {
+                tracing::error!("reload: the stream cannot start with the new table lists, so it starts again with the running ones: {reason}");
+                settings = previous.take().unwrap_or(settings);
+                reloads = r;
+                join = true;
+            }
+            Err(Fail::AtStart(reason, _)) | Err(Fail::Running(reason)) => break Err(reason),
         }
     };
     if let Err(e) = &result {
@@ -190,6 +199,12 @@ fn spool_dir(settings: &Settings) -> std::path::PathBuf {
 /// Config reload requests (a path per SIGHUP).
 type Reloads = Option<tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>>;
 
+/// Why a pipeline failed: at its start (the reload requests are given back), or later.
+enum Fail {
+    AtStart(DaemonError, Reloads),
+    Running(DaemonError),
+}
+
 /// Why a pipeline ended without an error.
 enum End {
     /// Shutdown.
@@ -209,10 +224,27 @@ async fn run_inner(
     shutdown: &CancellationToken,
     reloads: Reloads,
     join: bool,
-) -> Result<(End, Reloads), DaemonError> {
-    let Some(mut started) = startup::start(settings, metrics, health, shutdown).await? else {
-        return Ok((End::Stopped, reloads)); // shutdown while waiting for a database
+) -> Result<(End, Reloads), Fail> {
+    let started = match startup::start(settings, metrics, health, shutdown).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok((End::Stopped, reloads)), // shutdown while waiting for a database
+        Err(e) => return Err(Fail::AtStart(e, reloads)),
     };
+    run_started(settings, metrics, health, shutdown, reloads, join, started)
+        .await
+        .map_err(Fail::Running)
+}
+
+/// The pipeline after its start.
+async fn run_started(
+    settings: &Settings,
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
+    reloads: Reloads,
+    join: bool,
+    mut started: startup::Started,
+) -> Result<(End, Reloads), DaemonError> {
     // This pipeline's tasks stop with it; `shutdown` stops the daemon.
     let stop = shutdown.child_token();
     let shutdown = &stop;
@@ -321,18 +353,21 @@ async fn run_inner(
     crate::notify::ready();
     let stop_by = Duration::from_secs_f64(settings.apply.shutdown_secs);
     let mut reload = None;
+    // Whether every task ended by itself (else a restart inside the process could race what
+    // an abandoned connection still commits).
+    let mut clean = true;
     let (result, deadline) = tokio::select! {
         r = &mut reader => (r, tokio::time::Instant::now() + Duration::from_secs(5)),
         _ = shutdown.cancelled() => {
             let deadline = tokio::time::Instant::now() + stop_by;
-            (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
+            (bounded_stop(&mut reader, &cancellers, deadline, &mut clean).await, deadline)
         }
         Some(new) = restart_rx.recv() => {
             // A clean stop of this pipeline, as on shutdown; the next one runs the new lists.
             reload = Some(Box::new(new));
             shutdown.cancel();
             let deadline = tokio::time::Instant::now() + stop_by;
-            (bounded_stop(&mut reader, &cancellers, deadline).await, deadline)
+            (bounded_stop(&mut reader, &cancellers, deadline, &mut clean).await, deadline)
         }
     };
     shutdown.cancel();
@@ -341,7 +376,11 @@ async fn run_inner(
         v.abort();
     }
     if let Some(t) = copy_task {
-        let _ = tokio::time::timeout_at(deadline, t).await;
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(deadline, t).await.is_err() {
+            abort.abort();
+            clean = false;
+        }
     }
     health.set_phase(crate::health::Phase::Stopping);
     // The apply tasks end once the reader is gone: each rolls back what is open and makes what
@@ -351,6 +390,7 @@ async fn run_inner(
         let abort = t.abort_handle();
         if tokio::time::timeout_at(deadline, t).await.is_err() {
             abort.abort();
+            clean = false;
         }
     }
     tracing::info!("stopped");
@@ -362,6 +402,13 @@ async fn run_inner(
         Err(e) if e.is_cancelled() => ReaderExit::Stopped,
         Err(e) => return Err(DaemonError::Startup(vec![format!("reader task: {e}")])),
     };
+    if (reload.is_some() || exit == ReaderExit::Join) && !clean {
+        return Err(DaemonError::Startup(vec![
+            "the stream did not stop cleanly for a restart inside the process (a target did not finish in time): \
+             exiting, so that a new process starts from what the targets hold"
+                .into(),
+        ]));
+    }
     if let Some(new) = reload {
         return Ok((End::Reload(new), reloads));
     }
@@ -385,6 +432,7 @@ async fn bounded_stop(
     reader: &mut tokio::task::JoinHandle<Result<ReaderExit, ReaderError>>,
     cancellers: &[(String, crate::apply::Canceller)],
     deadline: tokio::time::Instant,
+    clean: &mut bool,
 ) -> Result<Result<ReaderExit, ReaderError>, tokio::task::JoinError> {
     let now = tokio::time::Instant::now();
     let halfway = now + deadline.saturating_duration_since(now) / 2;
@@ -405,5 +453,6 @@ async fn bounded_stop(
         "stopping: the reader did not finish within apply.shutdown_secs; leaving without a final confirmation (the slot replays what was not confirmed, and targets skip what they hold)"
     );
     reader.abort();
+    *clean = false;
     Ok(Ok(ReaderExit::Stopped))
 }

@@ -35,7 +35,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::apply::progress::ProgressKey;
 use crate::config::Target;
-use crate::copy::state::TargetCopy;
+use crate::copy::state::{State, TargetCopy};
 use crate::lsn::Lsn;
 use crate::pg::safe_pg_error;
 use crate::table::TableName;
@@ -67,11 +67,16 @@ impl Side {
     }
 }
 
-/// A target's tables applied by its side stream: copied with `side` set (pure).
+/// A target's tables applied by its side stream: copied with `side` set — including a copy
+/// whose every chunk committed but that was not yet marked copied (pure).
 pub fn side_tables(copy: &TargetCopy) -> Vec<(TableName, Lsn)> {
     copy.tables
         .iter()
-        .filter(|tc| tc.side && tc.state.is_some_and(|s| s.is_done()))
+        .filter(|tc| {
+            let finished =
+                tc.state == Some(State::Copying) && tc.chunks.is_some_and(|c| c == tc.chunks_done);
+            tc.side && (tc.state.is_some_and(|s| s.is_done()) || finished)
+        })
         .filter_map(|tc| Some((tc.table.clone(), tc.lsn?)))
         .collect()
 }
@@ -127,18 +132,17 @@ pub fn stream_targets(targets: &[Target], sides: &[Side]) -> Vec<Target> {
     out
 }
 
-/// Reads the side stream's progress on its target (`None`: it never applied anything).
+/// Reads the side stream's progress row on its target (`None`: it never applied anything).
 pub async fn side_progress(
     client: &tokio_postgres::Client,
     key: &ProgressKey,
-) -> Result<Option<Lsn>, String> {
+) -> Result<Option<crate::apply::progress::Progress>, String> {
     let side = ProgressKey {
         target: side_name(&key.target),
         ..key.clone()
     };
     crate::apply::progress::read(client, &side)
         .await
-        .map(|p| p.map(|p| p.lsn))
         .map_err(|e| {
             format!(
                 "target {}: read progress: {}",
@@ -221,6 +225,35 @@ mod tests {
         // Never applied anything: it holds its copy, and the target nothing yet.
         let p = join_points(&tables, None, Lsn(50), None).unwrap();
         assert_eq!(p, vec![(t("labs"), Lsn(100)), (t("notes"), Lsn(300))]);
+    }
+
+    #[test]
+    fn a_side_copy_whose_chunks_all_committed_stays_on_the_side() {
+        use crate::copy::state::TableCopy;
+        let tc = |state, side, done| TableCopy {
+            table: t("labs"),
+            state: Some(state),
+            lsn: Some(Lsn(9)),
+            chunks: Some(2),
+            chunks_done: done,
+            rows_done: 0,
+            has_rows: true,
+            side,
+        };
+        let copy = |tables| TargetCopy {
+            known: true,
+            tables,
+        };
+        assert_eq!(
+            side_tables(&copy(vec![tc(State::Copying, true, 2)])),
+            vec![(t("labs"), Lsn(9))]
+        );
+        assert!(side_tables(&copy(vec![tc(State::Copying, true, 1)])).is_empty());
+        assert!(side_tables(&copy(vec![tc(State::Copied, false, 2)])).is_empty());
+        assert_eq!(
+            side_tables(&copy(vec![tc(State::Copied, true, 2)])).len(),
+            1
+        );
     }
 
     #[test]

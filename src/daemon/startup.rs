@@ -509,29 +509,32 @@ async fn plan_sides(
         }
         let client = target_client(t).await.map_err(|e| startup(vec![e]))?;
         if !joined.is_empty() {
-            let at = side::side_progress(&client, &key(settings, source, t))
+            let row = side::side_progress(&client, &key(settings, source, t))
                 .await
                 .map_err(|e| startup(vec![e]))?;
             let own = inspected[i].facts.progress;
-            if let Some(points) = side::join_points(&joined, at, confirmed, own) {
+            // A side stream stopped for an operator does not join: its start refuses with why.
+            let halted = row.as_ref().is_some_and(|p| p.halted.is_some());
+            let points = side::join_points(&joined, row.map(|p| p.lsn), confirmed, own);
+            if let (Some(points), false) = (points, halted) {
                 joins.push((i, points));
                 joined.clear();
             }
         }
-        // A side stream already running takes this start's copies too.
-        let beside = !copying.is_empty()
-            && (!joined.is_empty() || {
-                let refs = crate::copy::references(&client, &t.tables)
-                    .await
-                    .map_err(|e| {
-                        startup(vec![format!(
-                            "target {}: read foreign keys: {}",
-                            t.name,
-                            safe_pg_error(&e)
-                        )])
-                    })?;
-                side::may_stream_others(&t.tables, &copying, &refs)
-            });
+        // This start's copies go beside the stream when no foreign key links them with the
+        // target's other tables; else the target is held while they copy.
+        let beside = !copying.is_empty() && {
+            let refs = crate::copy::references(&client, &t.tables)
+                .await
+                .map_err(|e| {
+                    startup(vec![format!(
+                        "target {}: read foreign keys: {}",
+                        t.name,
+                        safe_pg_error(&e)
+                    )])
+                })?;
+            side::may_stream_others(&t.tables, &copying, &refs)
+        };
         if !joined.is_empty() || beside {
             sides.push(side::Side {
                 target: i,
@@ -557,10 +560,13 @@ async fn prepare_online_copy(
     let mut conn = crate::source::conn::ReplicationConn::connect(&settings.source, tls)
         .await
         .map_err(|e| startup(vec![format!("source replication connection: {e}")]))?;
+    // Unique in the process too: a restart inside it may run another copy.
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let slot = format!(
-        "{}_copy_{}",
+        "{}_copy_{}_{}",
         &settings.slot[..settings.slot.len().min(40)],
-        std::process::id()
+        std::process::id(),
+        COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let (lsn, snapshot) = conn
         .create_logical_slot_exporting(&slot, true)

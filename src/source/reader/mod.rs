@@ -403,13 +403,23 @@ impl Reader {
     }
 
     /// Held targets: drained once they hold everything dispatched before the hold's position
-    /// (the server is asked for a keepalive while it has not said it passed it); released ones
-    /// rejoin with one stream restart.
-    async fn check_holds(&mut self, conn: &mut ReplicationConn) -> Result<(), ReaderError> {
+    /// (with `may_ask`, the server is asked for a keepalive while it has not said it passed
+    /// it: once per tick, never in answer to a keepalive); with `may_release` — only where the
+    /// caller restarts the stream at once — released ones are let go to rejoin with one stream
+    /// restart.
+    async fn check_holds(
+        &mut self,
+        conn: &mut ReplicationConn,
+        may_ask: bool,
+        may_release: bool,
+    ) -> Result<(), ReaderError> {
         let mut ask = false;
         for l in &mut self.links {
             let Some(h) = &l.hold else { continue };
             if h.is_released() {
+                if !may_release {
+                    continue;
+                }
                 tracing::info!(target_name = %l.name, at = %h.at(), "copy done; the target rejoins the stream");
                 l.hold = None;
                 l.hold_reached = None;
@@ -422,7 +432,7 @@ impl Reader {
                 ask = true;
             }
         }
-        if ask && self.open.is_none() {
+        if ask && may_ask && self.open.is_none() {
             let msg = protocol::encode_status_update(
                 self.received.max(self.confirmed),
                 self.confirmed,
@@ -533,6 +543,10 @@ impl Reader {
                 _ = shutdown.cancelled() => return self.stop_streaming(conn).await,
                 // 2. A target changed state: a retry-ready failed target restarts the stream.
                 _ = self.wake.notified() => {
+                    // A held target may have committed what drains it.
+                    if self.links.iter().any(|l| l.hold.is_some()) {
+                        self.check_holds(&mut conn, false, true).await?;
+                    }
                     if self.needs_restream() {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
@@ -551,7 +565,7 @@ impl Reader {
                 // 4. Timer: lag, and a status update when due.
                 _ = tick.tick() => {
                     crate::notify::watchdog();
-                    self.check_holds(&mut conn).await?;
+                    self.check_holds(&mut conn, true, true).await?;
                     if self.needs_restream() {
                         self.send_status(&mut conn, true).await?;
                         conn.close().await;
@@ -598,6 +612,11 @@ impl Reader {
                     // Everything before `wal_end` has been sent.
                     for l in &mut self.links {
                         l.pass_hold(wal_end);
+                    }
+                    // A held target with nothing left to commit is drained now, not at the
+                    // next tick.
+                    if self.links.iter().any(|l| l.hold.is_some()) {
+                        self.check_holds(conn, false, false).await?;
                     }
                 }
                 self.send_status(conn, reply_requested).await?;
