@@ -718,6 +718,13 @@ async fn copy_chunk(
     };
     let chunk = &chunk;
     let src = snapshot_conn(run).await?;
+    if let Chunk::Keys(..) = chunk {
+        // A key range is read through the key's index: a range of a large table looks
+        // cheaper to scan whole to the planner, and every range would then read all of it.
+        src.batch_execute("SET LOCAL enable_seqscan = off")
+            .await
+            .map_err(|e| format!("source: table {t}: {}", safe_pg_error(&e)))?;
+    }
     let mut owners = Vec::with_capacity(p.job.owners.len());
     let in_sql = copy_in_sql(p);
     for o in p
