@@ -119,9 +119,13 @@ pub enum Chunk {
     Keys(Option<i64>, Option<i64>),
 }
 
+/// A range's row count and checksum (`rowhash::row_sum`).
+type Checksum = (i64, String);
+
 /// A resumed copy that keeps what the target holds already: the table is split in key ranges,
-/// every range's checksum (`rowhash`) read in one scan on the source (under the snapshot) and
-/// one on each owner (when the copy of the table begins there); a range that agrees is
+/// every range's checksum (`rowhash`) read in one scan on each owner (when the copy of the
+/// table begins there) and, for the ranges it holds rows in, on the source (under the
+/// snapshot, through the key's index); a range that agrees is
 /// recorded done in that same transaction and kept, a range that differs is emptied there and
 /// copied again — consecutive ones together, as one chunk of about `copy.chunk_rows` rows.
 /// Ranges of an earlier copy's finished chunks agree whichever snapshot they were read under.
@@ -134,9 +138,10 @@ struct Patch {
     key: String,
     /// The columns as hashed (`rowhash::columns`).
     hashed: String,
-    /// Per range (bucket 1, 2, … of `width_bucket` over the ranges' lower bounds): the source's
-    /// row count and checksum; a range without rows is absent.
-    source: Arc<HashMap<i64, (i64, String)>>,
+    /// Per range (bucket 1, 2, … of `width_bucket` over the ranges' lower bounds) read on the
+    /// source: its row count and checksum (`None`: no rows). Only ranges some owner holds rows
+    /// in are read: a range an owner lacks is copied without comparing.
+    source: Arc<std::sync::Mutex<HashMap<i64, Option<Checksum>>>>,
     /// Rows found already there and kept.
     kept: Arc<AtomicU64>,
     /// Per owner (target index): the ranges to copy there, found when its copy began.
@@ -144,8 +149,9 @@ struct Patch {
 }
 
 impl Patch {
-    /// Every range's (count, checksum) in one scan, keyed like `source`.
-    fn checksums_sql(&self, table: &TableName, chunks: &[Chunk]) -> String {
+    /// The (count, checksum) of every range with rows among those `within` selects, in one
+    /// scan, keyed like `source`.
+    fn checksums_sql(&self, table: &TableName, chunks: &[Chunk], within: &str) -> String {
         let lows: Vec<String> = chunks
             .iter()
             .map(|c| match c {
@@ -155,7 +161,7 @@ impl Patch {
             .collect();
         format!(
             "SELECT width_bucket({k}::bigint, '{{{lows}}}'::bigint[])::bigint, count(*), {sum} \
-             FROM ONLY {t} GROUP BY 1",
+             FROM ONLY {t} WHERE {within} GROUP BY 1",
             k = self.key,
             lows = lows.join(","),
             sum = crate::rowhash::row_sum(&self.hashed),
@@ -416,21 +422,14 @@ async fn prepare_table(
                 let hashed = crate::rowhash::columns(src, t)
                     .await
                     .map_err(|e| fail("read columns", e))?;
-                let ranges = key_chunks(lo, hi, estimate.div_ceil(range_rows(chunk_rows)));
-                let mut x = Patch {
+                patch = Some(Patch {
                     key,
                     hashed,
                     source: Arc::default(),
                     kept: Arc::new(AtomicU64::new(0)),
                     todo: Arc::default(),
-                };
-                x.source = Arc::new(
-                    checksums(src, &x.checksums_sql(t, &ranges))
-                        .await
-                        .map_err(|e| fail("compare ranges", e))?,
-                );
-                patch = Some(x);
-                ranges
+                });
+                key_chunks(lo, hi, estimate.div_ceil(range_rows(chunk_rows)))
             }
             None => block_chunks(pages, estimate, chunk_rows),
         }
@@ -589,6 +588,57 @@ fn copy_in_sql(p: &Prepared) -> String {
     )
 }
 
+/// Reads on the source, under the snapshot, the checksums of the ranges among `buckets` not
+/// read yet: consecutive ones as one key span, through the key's index.
+async fn read_source_ranges(
+    run: &CopyRun<'_>,
+    p: &Prepared,
+    patch: &Patch,
+    buckets: impl Iterator<Item = i64>,
+) -> Result<(), String> {
+    let mut wanted: Vec<i64> = {
+        let known = patch.source.lock().unwrap_or_else(|x| x.into_inner());
+        buckets.filter(|b| !known.contains_key(b)).collect()
+    };
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    wanted.sort_unstable();
+    let bounds = |b: i64| match p.chunks.get((b - 1).max(0) as usize) {
+        Some(Chunk::Keys(from, to)) => (*from, *to),
+        _ => (None, None),
+    };
+    let mut spans: Vec<(Option<i64>, Option<i64>, i64)> = Vec::new();
+    for &b in &wanted {
+        let (from, to) = bounds(b);
+        match spans.last_mut() {
+            Some(last) if last.2 + 1 == b => {
+                last.1 = to;
+                last.2 = b;
+            }
+            _ => spans.push((from, to, b)),
+        }
+    }
+    let within = spans
+        .iter()
+        .map(|(from, to, _)| format!("({})", patch.range(*from, *to)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let t = &p.job.table;
+    let src = snapshot_conn(run).await?;
+    src.batch_execute("SET LOCAL enable_seqscan = off")
+        .await
+        .map_err(|e| format!("source: table {t}: {}", safe_pg_error(&e)))?;
+    let found = checksums(&src, &patch.checksums_sql(t, &p.chunks, &within))
+        .await
+        .map_err(|e| format!("source: table {t}: compare ranges: {}", safe_pg_error(&e)))?;
+    let mut known = patch.source.lock().unwrap_or_else(|x| x.into_inner());
+    for b in wanted {
+        known.insert(b, found.get(&b).cloned());
+    }
+    Ok(())
+}
+
 /// Starts a table's copy on each owner: state `copying` at this snapshot, earlier chunks
 /// forgotten, and the table emptied when an unfinished copy of ours left rows in it.
 async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
@@ -635,14 +685,20 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         .map_err(|e| err("forget chunks", e))?;
         // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ.
         if let Some(patch) = &p.patch {
-            let there = checksums(&tx, &patch.checksums_sql(&p.job.table, &p.chunks))
+            let there = checksums(&tx, &patch.checksums_sql(&p.job.table, &p.chunks, "true"))
                 .await
                 .map_err(|e| err("compare ranges", e))?;
+            read_source_ranges(run, p, patch, there.keys().copied()).await?;
+            let source_of = patch
+                .source
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .clone();
             let mut todo = Vec::new();
             for (i, chunk) in p.chunks.iter().enumerate() {
                 let bucket = i as i64 + 1;
-                let source = patch.source.get(&bucket);
-                if source == there.get(&bucket) {
+                let source = source_of.get(&bucket).and_then(|x| x.as_ref());
+                if there.contains_key(&bucket) && source == there.get(&bucket) {
                     let n = source.map_or(0, |s| s.0);
                     tx.execute(
                         state::CHUNK_DONE_SQL,
@@ -805,7 +861,17 @@ async fn copy_chunk(
     let n_i64 = i64::try_from(n).unwrap_or(i64::MAX);
     // Each chunk of the unit gets its row: a resumed table's ranges with the source's count.
     let per_chunk = |i: usize| match &p.patch {
-        Some(patch) => patch.source.get(&(i as i64 + 1)).map_or(0, |x| x.0),
+        Some(patch) => match patch
+            .source
+            .lock()
+            .unwrap_or_else(|x| x.into_inner())
+            .get(&(i as i64 + 1))
+        {
+            Some(known) => known.as_ref().map_or(0, |x| x.0),
+            // Copied without comparing: the unit's rows go on its first range.
+            None if i == unit.first => n_i64,
+            None => 0,
+        },
         None => n_i64,
     };
     for (target, name, client) in &owners {
@@ -946,13 +1012,24 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
                 continue;
             };
             let todo = patch.todo.lock().unwrap_or_else(|x| x.into_inner()).clone();
-            let source_rows = |i: usize| patch.source.get(&(i as i64 + 1)).map_or(0, |x| x.0);
-            let planned = patch_units(
-                p.chunks.len(),
-                &todo,
-                &source_rows,
-                run.settings.copy.chunk_rows,
-            );
+            let source_of = patch
+                .source
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .clone();
+            let source_rows = |i: usize| {
+                source_of
+                    .get(&(i as i64 + 1))
+                    .and_then(|x| x.as_ref())
+                    .map_or(0, |x| x.0)
+            };
+            // A range not read on the source counts as the table's average range.
+            let per_range = (p.estimate / p.chunks.len().max(1) as u64).max(1) as i64;
+            let size = |i: usize| match source_of.get(&(i as i64 + 1)) {
+                Some(known) => known.as_ref().map_or(0, |x| x.0),
+                None => per_range,
+            };
+            let planned = patch_units(p.chunks.len(), &todo, &size, run.settings.copy.chunk_rows);
             let copying: HashSet<usize> = planned.iter().flat_map(|u| u.first..=u.last).collect();
             let mut all_done = false;
             for i in (0..p.chunks.len()).filter(|i| !copying.contains(i)) {
