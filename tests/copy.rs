@@ -587,3 +587,45 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
     assert!(!text.contains("zq"), "log leaks values");
     assert!(text.contains("resumed"), "the resume was logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_routed_away_and_back_is_never_streamed_on_from_where_it_stopped() {
+    let env = Env::new(
+        "CREATE TABLE notes (id int PRIMARY KEY, v text);
+         CREATE TABLE labs (id int PRIMARY KEY, v text);",
+        &[("svc", &["notes", "labs"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute("INSERT INTO notes VALUES (1, 'zq'); INSERT INTO labs VALUES (1, 'zq')")
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("svc", "labs").await;
+    daemon.stop().await;
+    // Routed away: the target no longer receives its changes.
+    let mut env = env;
+    env.targets[0].tables = vec!["notes".into()];
+    let daemon = env.start().await;
+    src.batch_execute("INSERT INTO labs VALUES (2, 'zq')")
+        .await
+        .unwrap();
+    env.wait_equal("svc", "notes").await;
+    daemon.stop().await;
+    // Routed back: not streamed on from its old position (row 2 would be missing for good).
+    env.targets[0].tables = vec!["notes".into(), "labs".into()];
+    let err = env.start_error().await;
+    assert!(
+        err.contains("table public.labs already holds rows that pgcarve did not copy"),
+        "{err}"
+    );
+    // Emptied, it is copied anew.
+    env.target("svc")
+        .await
+        .batch_execute("TRUNCATE labs")
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("svc", "labs").await;
+    daemon.stop().await;
+}

@@ -226,6 +226,16 @@ pub const JOIN_SQL: &str = "UPDATE pgcarve.copy_table SET state = 'streaming', s
     lsn = $5::text::pg_lsn, updated_at = now() \
 WHERE system_id = $1 AND slot = $2 AND target = $3 AND table_name = $4 AND side";
 
+/// Forgets the copy state of tables no longer routed to the target, chunks included; returns
+/// their names. Parameters: key…, the routed tables (text[]).
+pub const UNROUTED_SQL: &str = "WITH gone AS ( \
+    DELETE FROM pgcarve.copy_table WHERE system_id = $1 AND slot = $2 AND target = $3 \
+      AND NOT (table_name = ANY($4)) RETURNING table_name), \
+  chunks AS ( \
+    DELETE FROM pgcarve.copy_chunk WHERE system_id = $1 AND slot = $2 AND target = $3 \
+      AND NOT (table_name = ANY($4))) \
+SELECT table_name FROM gone";
+
 /// Forgets a table's chunks. Parameters: key…, table.
 pub const FORGET_CHUNKS_SQL: &str = "DELETE FROM pgcarve.copy_chunk \
 WHERE system_id = $1 AND slot = $2 AND target = $3 AND table_name = $4";

@@ -394,6 +394,23 @@ async fn record_copy_state(
         .batch_execute(crate::copy::state::CREATE_SQL)
         .await
         .map_err(|e| err("create pgcarve.copy_table", e))?;
+    // A table no longer routed here stops receiving changes: its copy state is forgotten, so
+    // routing it again copies it anew (or refuses while the target still holds its rows)
+    // instead of streaming on from a position it has long fallen behind.
+    let routed: Vec<String> = t.tables.iter().map(|t| t.to_string()).collect();
+    let forgotten: Vec<String> = client
+        .query(
+            crate::copy::state::UNROUTED_SQL,
+            &[&key.system_id, &key.slot, &key.target, &routed],
+        )
+        .await
+        .map_err(|e| err("forget tables no longer routed", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for table in forgotten {
+        tracing::warn!(target_name = %t.name, table = %table, "the table is no longer routed to this target: its copy state is forgotten (routing it again copies it anew)");
+    }
     for table in &plan.take[i] {
         client
             .execute(
