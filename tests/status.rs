@@ -148,8 +148,10 @@ async fn health_and_the_page_follow_a_first_copy_into_streaming() {
         let (code, body) = daemon.obs.health.report();
         (code, body)
     };
+    // Copying, with the table's progress published (once a second).
     wait_until("phase copying", Duration::from_secs(30), || async {
-        health().await.1["phase"] == "copying"
+        let h = health().await.1;
+        h["phase"] == "copying" && h["copy"].as_array().is_some_and(|c| !c.is_empty())
     })
     .await;
     let (code, body) = health().await;
