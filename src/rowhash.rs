@@ -1,5 +1,6 @@
-//! Row hashes that are equal for equal rows on every cluster: what `verify` compares, and what
-//! a resumed copy compares to keep the ranges a target already holds.
+//! Row hashes that are equal for equal rows on every cluster, and the key ranges they are
+//! summed over: what `verify` compares, and what a resumed copy compares to keep the ranges a
+//! target already holds.
 //!
 //! A row's hash is `hash_record_extended` over its columns, each cast to its base type where
 //! that type's hash function hashes by value (`1.0` and `1.00` are equal, as `=` says), else to
@@ -89,6 +90,16 @@ pub fn row_sum(columns: &str) -> String {
     format!("coalesce(sum({}), 0)::text", row_hash(columns))
 }
 
+/// The condition selecting keys `from..to` of an integer key (`None`: open at that end).
+pub fn key_range(key: &str, from: Option<i64>, to: Option<i64>) -> String {
+    match (from, to) {
+        (None, None) => "true".into(),
+        (Some(a), None) => format!("{key} >= {a}"),
+        (None, Some(b)) => format!("{key} < {b}"),
+        (Some(a), Some(b)) => format!("{key} >= {a} AND {key} < {b}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +110,12 @@ mod tests {
         assert_eq!(hashed_column("ids", "_int8"), r#""ids"::"_int8""#);
         assert_eq!(hashed_column("Mood", "mood"), r#""Mood"::text"#);
         assert_eq!(hashed_column("doc", "json"), r#""doc"::text"#);
+    }
+
+    #[test]
+    fn key_ranges_are_half_open() {
+        assert_eq!(key_range("id", None, None), "true");
+        assert_eq!(key_range("id", Some(3), Some(9)), "id >= 3 AND id < 9");
+        assert_eq!(key_range("id", None, Some(9)), "id < 9");
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{kill9, metric, spawn_daemon, start_daemon, wait_until, Env};
+use crate::common::{kill9, metric, spawn_daemon, start_daemon, terminate, wait_until, Env};
 
 const SCHEMA: &str = "
 CREATE TABLE patients (id bigint PRIMARY KEY, name text NOT NULL, born date, notes text);
@@ -93,6 +93,20 @@ async fn copy_state(env: &Env, target: &str, table: &str) -> Option<(String, Str
         .ok()
         .flatten()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+/// Waits until `table`'s copy state on `target` is `state`.
+async fn wait_copy_state(env: &Env, target: &str, table: &str, state: &str) {
+    wait_until(
+        &format!("{table} {state} on {target}"),
+        Duration::from_secs(60),
+        || async {
+            copy_state(env, target, table)
+                .await
+                .is_some_and(|(s, _, _)| s == state)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,16 +441,7 @@ async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_st
     .await
     .unwrap();
     env.wait_equal("clinic", "patients").await;
-    wait_until(
-        "the copy waiting on the lock",
-        Duration::from_secs(60),
-        || async {
-            copy_state(&env, "clinic", "public.events")
-                .await
-                .is_some_and(|(state, _, _)| state == "copying")
-        },
-    )
-    .await;
+    wait_copy_state(&env, "clinic", "public.events", "copying").await;
     lock.rollback().await.unwrap();
 
     // Writes to every table while the side stream catches up, a kill -9 among them (most
@@ -457,16 +462,7 @@ async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_st
 
     // Once caught up, the side stream joins the clinic's stream: by a clean stop and start
     // inside the daemon, or at the start after the kill when that loses nothing.
-    wait_until(
-        "the side stream joined",
-        Duration::from_secs(60),
-        || async {
-            copy_state(&env, "clinic", "public.events")
-                .await
-                .is_some_and(|(state, _, _)| state == "streaming")
-        },
-    )
-    .await;
+    wait_copy_state(&env, "clinic", "public.events", "streaming").await;
     let (state, _, _) = copy_state(&env, "clinic", "public.readings").await.unwrap();
     assert_eq!(state, "streaming");
     let sides: i64 = env
@@ -487,14 +483,7 @@ async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_st
     for t in ["patients", "events", "readings"] {
         env.wait_equal("clinic", t).await;
     }
-    let term = |child: &mut std::process::Child| {
-        // SAFETY: kill on our own child's pid.
-        unsafe {
-            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        assert!(child.wait().unwrap().success());
-    };
-    term(&mut child);
+    terminate(&mut child);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("zq"), "log leaks values");
     assert!(
@@ -578,11 +567,7 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
         after.get(&5),
         "the changed row's range was copied again"
     );
-    // SAFETY: kill on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    assert!(child.wait().unwrap().success());
+    terminate(&mut child);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("zq"), "log leaks values");
     assert!(text.contains("resumed"), "the resume was logged");

@@ -171,13 +171,7 @@ impl Patch {
 
     /// The condition selecting a key range.
     fn range(&self, from: Option<i64>, to: Option<i64>) -> String {
-        let k = &self.key;
-        match (from, to) {
-            (None, None) => "true".into(),
-            (Some(a), None) => format!("{k} >= {a}"),
-            (None, Some(b)) => format!("{k} < {b}"),
-            (Some(a), Some(b)) => format!("{k} >= {a} AND {k} < {b}"),
-        }
+        crate::rowhash::key_range(&self.key, from, to)
     }
 }
 

@@ -242,14 +242,9 @@ async fn shape(src: &Client, t: &TableName) -> Result<Shape, tokio_postgres::Err
 type Range = (Option<i64>, Option<i64>);
 
 fn range_sql(shape: &Shape, r: Range) -> String {
-    let Some(k) = &shape.int_key else {
-        return "true".into();
-    };
-    match r {
-        (None, None) => "true".into(),
-        (Some(a), None) => format!("{k} >= {a}"),
-        (None, Some(b)) => format!("{k} < {b}"),
-        (Some(a), Some(b)) => format!("{k} >= {a} AND {k} < {b}"),
+    match &shape.int_key {
+        Some(k) => crate::rowhash::key_range(k, r.0, r.1),
+        None => "true".into(),
     }
 }
 

@@ -353,6 +353,15 @@ pub fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> std::pro
         .expect("spawn pgcarve")
 }
 
+/// Stops a `spawn_daemon` child with SIGTERM and asserts it exits 0 (a clean stop).
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: kill on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success(), "a clean stop exits 0");
+}
+
 /// SIGKILL, then reap.
 pub fn kill9(child: &mut std::process::Child) {
     // SAFETY: kill on our own child's pid.
