@@ -22,6 +22,7 @@ pub struct Report {
 
 /// The bookkeeping tables on a target, children first.
 const TARGET_TABLES: &[&str] = &[
+    "pgcarve.fk_aside",
     "pgcarve.copy_chunk",
     "pgcarve.copy_table",
     "pgcarve.schema_pending",
@@ -99,6 +100,7 @@ pub async fn run(settings: &Settings, targets: bool, force: bool) -> Result<Repo
     }
     if targets {
         for t in &settings.targets {
+            report.lines.extend(keys_back(t, &system_id, slot).await?);
             report.lines.push(clear_target(t, &system_id, slot).await?);
         }
     }
@@ -123,6 +125,60 @@ async fn drop_slot(src: &tokio_postgres::Client, slot: &str) -> Result<(), Strin
             Err(e) => return Err(format!("source: drop slot {slot}: {}", safe_pg_error(&e))),
         }
     }
+}
+
+/// Puts back the foreign keys a copy set aside on target `t` (`crate::copy::aside`): each is
+/// added `NOT VALID`, then validated. A key that cannot be added back stops teardown (its
+/// definition stays recorded); one that does not validate is reported and stays not valid.
+async fn keys_back(
+    t: &crate::config::Target,
+    system_id: &str,
+    slot: &str,
+) -> Result<Vec<String>, String> {
+    let mut client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
+    let key = crate::apply::progress::ProgressKey {
+        system_id: system_id.to_string(),
+        slot: slot.to_string(),
+        target: t.name.clone(),
+    };
+    let read = |e: tokio_postgres::Error| {
+        format!(
+            "target {}: read foreign keys set aside: {}",
+            t.name,
+            safe_pg_error(&e)
+        )
+    };
+    let mut lines = Vec::new();
+    for a in crate::copy::aside::read(&client, &key)
+        .await
+        .map_err(read)?
+    {
+        match crate::copy::aside::restore(&mut client, &key, &a).await {
+            Ok(()) => lines.push(format!(
+                "target {}: foreign key {} set aside during a copy: put back",
+                t.name,
+                a.label()
+            )),
+            Err(reason) => lines.push(format!(
+                "{reason} (it stays NOT VALID: check the rows, then ALTER TABLE … VALIDATE CONSTRAINT)"
+            )),
+        }
+    }
+    let stuck: Vec<String> = crate::copy::aside::read(&client, &key)
+        .await
+        .map_err(read)?
+        .iter()
+        .filter(|a| !a.added)
+        .map(|a| a.label())
+        .collect();
+    if !stuck.is_empty() {
+        return Err(format!(
+            "target {}: foreign keys set aside during a copy could not be added back ({}): their definitions stay in pgcarve.fk_aside; fix the cause and run teardown again",
+            t.name,
+            stuck.join(", ")
+        ));
+    }
+    Ok(lines)
 }
 
 /// Removes this slot's bookkeeping rows for target `t`, and the `pgcarve` schema once nothing

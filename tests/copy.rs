@@ -492,6 +492,185 @@ async fn a_table_added_without_foreign_keys_is_copied_beside_its_target_which_st
     );
 }
 
+/// Whether `constraint` exists on the clinic target, validated; and how many keys are set aside.
+async fn key_state(env: &Env, constraint: &str) -> (Option<bool>, i64) {
+    let c = env.target("clinic").await;
+    let valid: Option<bool> = c
+        .query_opt(
+            "SELECT convalidated FROM pg_constraint WHERE conname = $1",
+            &[&constraint],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    let aside: i64 = match c
+        .query_one("SELECT count(*) FROM pgcarve.fk_aside", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(_) => 0,
+    };
+    (valid, aside)
+}
+
+/// A daemon started with `allergies` added to the clinic (which has a foreign key to
+/// `patients` there), its copy waiting at its first write (its state row, planned already, is
+/// locked by `locker` until `ROLLBACK`), once it has set the key aside.
+struct Blocked {
+    env: Env,
+    child: std::process::Child,
+    locker: tokio_postgres::Client,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn added_with_a_foreign_key_and_blocked() -> Blocked {
+    let env = Env::new(
+        SCHEMA,
+        &[("clinic", &["patients"]), ("billing", &["patients"])],
+    )
+    .await;
+    let src = env.source().await;
+    src.batch_execute(SEED).await.unwrap();
+    let daemon = env.start().await;
+    env.wait_equal("clinic", "patients").await;
+    daemon.stop().await;
+    let mut env = env;
+    env.targets[0].tables = vec!["patients".into(), "allergies".into()];
+    assert_eq!(
+        key_state(&env, "allergies_patient_id_fkey").await,
+        (Some(true), 0),
+        "the target has the foreign key to begin with"
+    );
+    let system_id: String = src
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let locker = env.target("clinic").await;
+    locker
+        .execute(
+            "INSERT INTO pgcarve.copy_table (system_id, slot, target, table_name, state) \
+             VALUES ($1, $2, 'clinic', 'public.allergies', 'pending')",
+            &[&system_id, &env.slot],
+        )
+        .await
+        .unwrap();
+    locker
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM pgcarve.copy_table WHERE table_name = 'public.allergies' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, env.config()).unwrap();
+    let log = dir.path().join("daemon.log");
+    let child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    wait_until("the key set aside", Duration::from_secs(60), || async {
+        key_state(&env, "allergies_patient_id_fkey").await == (None, 1)
+    })
+    .await;
+    Blocked {
+        env,
+        child,
+        locker,
+        config,
+        log,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_with_a_foreign_key_to_the_others_is_copied_beside_them_and_the_key_comes_back(
+) {
+    let Blocked {
+        env,
+        mut child,
+        locker,
+        config,
+        log,
+        _dir,
+    } = added_with_a_foreign_key_and_blocked().await;
+    let src = env.source().await;
+    // The clinic's patients stream on while the copy waits.
+    src.batch_execute("INSERT INTO patients VALUES (5000000, 'zqduring', NULL, NULL)")
+        .await
+        .unwrap();
+    env.wait_equal("clinic", "patients").await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    // Writes to both tables (children of new patients, deletions of parents with their
+    // children) while the side stream catches up, a kill -9 among them, a start again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = workload(&env, stop.clone(), 30_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill9(&mut child);
+    child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writes.await.unwrap() > 5);
+    for t in ["patients", "allergies"] {
+        env.wait_equal("clinic", t).await;
+    }
+    env.wait_equal("billing", "patients").await;
+
+    // Joined, then the key is back: added and validated, nothing left aside.
+    wait_copy_state(&env, "clinic", "public.allergies", "streaming").await;
+    wait_until(
+        "the key back and validated",
+        Duration::from_secs(60),
+        || async { key_state(&env, "allergies_patient_id_fkey").await == (Some(true), 0) },
+    )
+    .await;
+    // From then on the target checks it, and the stream goes on.
+    for i in 0..20 {
+        step(&src, 95_000 + i).await.unwrap();
+    }
+    for t in ["patients", "allergies"] {
+        env.wait_equal("clinic", t).await;
+    }
+    terminate(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("zq"), "log leaks values");
+    assert!(text.contains("foreign key set aside"), "the log says so");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_puts_back_a_foreign_key_set_aside_by_a_copy_that_never_finished() {
+    let Blocked {
+        env,
+        mut child,
+        locker,
+        ..
+    } = added_with_a_foreign_key_and_blocked().await;
+    kill9(&mut child);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let (code, out) = crate::common::pgcarve_command(&env, &["teardown", "--force", "--targets"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("foreign key public.allergies.allergies_patient_id_fkey set aside during a copy: put back"),
+        "{out}"
+    );
+    let c = env.target("clinic").await;
+    let back: bool = c
+        .query_one(
+            "SELECT convalidated AND to_regnamespace('pgcarve') IS NULL FROM pg_constraint \
+             WHERE conname = 'allergies_patient_id_fkey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(back, "the key is back, validated, and the bookkeeping gone");
+}
+
 /// Each row's `xmin` on a target: unchanged exactly when the row was not written again.
 async fn row_versions(env: &Env, target: &str) -> std::collections::HashMap<i64, String> {
     env.target(target)
@@ -506,14 +685,18 @@ async fn row_versions(env: &Env, target: &str) -> std::collections::HashMap<i64,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
+    // Another table references visits: its foreign key is set aside for the resume (emptying
+    // a range that differs must not fail or cascade), then comes back.
     let env = Env::new(
-        "CREATE TABLE visits (id bigint PRIMARY KEY, patient bigint, note text);",
-        &[("clinic", &["visits"])],
+        "CREATE TABLE visits (id bigint PRIMARY KEY, patient bigint, note text);
+         CREATE TABLE visit_codes (id bigint PRIMARY KEY, visit_id bigint REFERENCES visits, code text);",
+        &[("clinic", &["visits", "visit_codes"])],
     )
     .await;
     let src = env.source().await;
     src.batch_execute(
         "INSERT INTO visits SELECT g, g % 1000, 'zqnote' || g FROM generate_series(1, 400000) g;
+         INSERT INTO visit_codes SELECT g, g * 7, 'zqcode' FROM generate_series(1, 1000) g;
          ANALYZE visits;",
     )
     .await
@@ -552,6 +735,13 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
     child = spawn_daemon(&config, &log);
     env.wait_slot().await;
     env.wait_equal("clinic", "visits").await;
+    env.wait_equal("clinic", "visit_codes").await;
+    wait_until(
+        "the key back and validated",
+        Duration::from_secs(60),
+        || async { key_state(&env, "visit_codes_visit_id_fkey").await == (Some(true), 0) },
+    )
+    .await;
     let after = row_versions(&env, "clinic").await;
     let kept = before
         .iter()
@@ -571,6 +761,10 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("zq"), "log leaks values");
     assert!(text.contains("resumed"), "the resume was logged");
+    assert!(
+        text.contains("foreign key set aside"),
+        "the key referencing visits was set aside"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

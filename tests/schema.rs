@@ -2,7 +2,9 @@
 //! twice; differences of existing tables reported with nothing changed; the created tables
 //! then take the initial copy and the stream.
 
-use crate::common::{pgcarve_command, start_daemon, Env};
+use std::time::Duration;
+
+use crate::common::{pgcarve_command, start_daemon, wait_until, Env};
 
 const SOURCE: &str = "
 CREATE TYPE mood AS ENUM ('calm', 'anxious', 'in pain');
@@ -231,16 +233,32 @@ async fn copy_create_schema_builds_the_tables_then_their_indexes_once_the_data_i
     }
     env.wait_equal("billing", "claims").await;
     let clinic = env.target("clinic").await;
-    let after: bool = clinic
+    let indexes: bool = clinic
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE indexname = 'visits_patient') \
-               AND EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'visits_patient_id_fkey') \
                AND NOT EXISTS (SELECT 1 FROM pgcarve.schema_pending)",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert!(after, "secondary indexes and foreign keys follow the data");
+    assert!(indexes, "secondary indexes follow the data");
+    // Foreign keys come back once the stream runs: added, then validated.
+    wait_until(
+        "the foreign key added and validated",
+        Duration::from_secs(60),
+        || async {
+            clinic
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'visits_patient_id_fkey' \
+                       AND convalidated) AND NOT EXISTS (SELECT 1 FROM pgcarve.fk_aside)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        },
+    )
+    .await;
     daemon.stop().await;
 }

@@ -21,9 +21,11 @@
 //!   restarts from the main slot's confirmed position `M ≤ C2`, skips for this table on this
 //!   target every transaction whose commit record lies before `C2` (`final_lsn < C2`, decided
 //!   in the reader like the per-target progress rule): those are in the copy; the rest are not.
-//!   The owning target is either held at `C2` meanwhile (`link::hold`), or — when no foreign
-//!   key links the copied tables with its others — streams its other tables on while a side
-//!   stream takes the copied tables from `C2` (`daemon::side`, which argues the join).
+//!   The owning target streams its other tables on while a side stream takes the copied
+//!   tables from `C2` (`daemon::side`, which argues the join); the foreign keys linking the
+//!   copied tables are set aside meanwhile and come back once the target is consistent again
+//!   ([`aside`]). Only when they cannot be set aside (this role does not own the tables) is
+//!   the owning target held at `C2` instead (`link::hold`).
 //! - **Atomic state.** Each chunk's rows commit in one target transaction together with the row
 //!   that says the chunk is done (`state`), so after any crash the chunk's rows are there
 //!   exactly when its row is. A table is `copied` once every chunk of its plan is done under one
@@ -39,9 +41,10 @@
 //! snapshot, each compared with what the target holds ([`Patch`]): a range whose checksum
 //! agrees on both sides is kept as it is — whichever snapshot its rows were copied under, they
 //! now equal the new snapshot's — and only a range that differs is emptied and copied again, in
-//! one transaction with its chunk row. (For a table with a single-column integer key that no
-//! other table on an owner references; any other unfinished table is emptied and copied again
-//! as a whole.) Tables that finished are never copied again.
+//! one transaction with its chunk row. (For a table with a single-column integer key and no
+//! foreign key left on an owner — they are set aside for a resumed copy, [`aside`]; any other
+//! unfinished table is emptied and copied again as a whole.) Tables that finished are never
+//! copied again.
 //!
 //! A partitioned table is read one leaf partition per chunk and written to the routed (root)
 //! table. A table that references itself is read in one chunk (its foreign key is checked at
@@ -55,6 +58,7 @@
 //! column has the same built-in type (or enum) on both sides, text otherwise (binary arrays and
 //! composites carry type OIDs, which differ between clusters).
 
+pub mod aside;
 pub mod plan;
 pub mod progress;
 pub mod rows;

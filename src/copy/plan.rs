@@ -41,6 +41,15 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// The tables this start copies to target `i`.
+    pub fn tables_of(&self, i: usize) -> Vec<TableName> {
+        self.jobs
+            .iter()
+            .filter(|j| j.owners.iter().any(|o| o.target == i))
+            .map(|j| j.table.clone())
+            .collect()
+    }
+
     /// Some table is to be copied.
     pub fn copies(&self) -> bool {
         !self.jobs.is_empty()

@@ -47,7 +47,13 @@ CREATE TABLE IF NOT EXISTS pgcarve.copy_chunk (
     done_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (system_id, slot, target, table_name, lsn, chunk)
 );
-ALTER TABLE pgcarve.copy_table ADD COLUMN IF NOT EXISTS side boolean NOT NULL DEFAULT false;
+DO $$ BEGIN
+    -- Only when missing: ALTER TABLE locks the table even when the column exists.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'pgcarve.copy_table'::regclass AND attname = 'side') THEN
+        ALTER TABLE pgcarve.copy_table ADD COLUMN side boolean NOT NULL DEFAULT false;
+    END IF;
+END $$;
 COMMIT;";
 
 /// A table's state as the target holds it.

@@ -317,6 +317,14 @@ async fn run_started(
             shutdown.clone(),
         ))
     });
+    // Foreign keys set aside during a copy come back once their tables are consistent.
+    let keys_back = tokio::spawn(crate::copy::aside::run(
+        settings.clone(),
+        started.system_id.clone(),
+        started.tls.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
     // A failed copy stops the daemon (its state says what failed; the next start copies again).
     let copy_failed = Arc::new(std::sync::Mutex::new(None));
     let copy_task = online.map(|o| {
@@ -375,6 +383,7 @@ async fn run_started(
     if let Some(v) = verifier {
         v.abort();
     }
+    keys_back.abort();
     if let Some(t) = copy_task {
         let abort = t.abort_handle();
         if tokio::time::timeout_at(deadline, t).await.is_err() {

@@ -1,8 +1,9 @@
 //! Side streams: a table copied while its target streams its other tables.
 //!
 //! A copy after the first start (a table added to a target, or one left unfinished) is read
-//! under a snapshot at `C2`. If the target's other tables must not wait for it — no foreign key
-//! on the target links the copied tables with the others — the target keeps streaming them, and
+//! under a snapshot at `C2`. If the target's other tables need not wait for it — no foreign key
+//! on the target links the copied tables with the others, once those keys are set aside
+//! (`crate::copy::aside`) — the target keeps streaming them, and
 //! the copied tables get a *side stream* of their own: a second link and apply task into the
 //! same database, named `<target>+joining`, with its own progress row. It is held at `C2` while
 //! the copy runs (it takes nothing after `C2` until the rows are in), then applies the copied
@@ -28,8 +29,9 @@
 //! waits for the next restart.
 //!
 //! Held instead (`link::hold`, the whole target waits at `C2`): a target whose copied tables
-//! are linked by a foreign key with its other tables (the copy, or the other tables' stream,
-//! would break it), or whose every table is being copied.
+//! are still linked by a foreign key with its other tables (this role may not set it aside:
+//! the copy, or the other tables' stream, would break it), or whose every table is being
+//! copied.
 
 use std::collections::{HashMap, HashSet};
 

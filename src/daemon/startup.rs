@@ -72,6 +72,8 @@ pub struct Started {
     pub settings: Settings,
     /// Per target of `settings`: held at a copy's position (`link::hold`).
     pub holds: Vec<Option<crate::link::hold::CopyHold>>,
+    /// The source's system identifier.
+    pub system_id: String,
 }
 
 fn startup(problems: Vec<String>) -> DaemonError {
@@ -88,28 +90,6 @@ pub async fn start(
     let tls =
         TlsConnector::new(&settings.source).map_err(|e| startup(vec![format!("source: {e}")]))?;
     let tables = Router::new(&settings.targets).tables();
-
-    // `copy.create_schema`: the tables a target lacks, from the source's catalog (their
-    // secondary indexes and foreign keys once the copy is in). A difference refuses start-up.
-    if settings.copy.create_schema {
-        let outcome = crate::schema::run(settings, crate::schema::Mode::Deferred)
-            .await
-            .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
-        if outcome.has_differences() {
-            return Err(startup(
-                outcome
-                    .targets
-                    .into_iter()
-                    .flat_map(|(_, p)| p.differences)
-                    .collect(),
-            ));
-        }
-        for (name, p) in &outcome.targets {
-            for t in &p.created {
-                tracing::info!(target_name = %name, table = %t, "created the table from the source's catalog");
-            }
-        }
-    }
 
     // Inspect and plan the source.
     let Some(client) = with_retry("connect to source", shutdown, || async {
@@ -131,6 +111,33 @@ pub async fn start(
         .await
         .map_err(|e| startup(vec![e]))?;
     let source = catalog::plan_source(&source_facts).map_err(startup)?;
+
+    // `copy.create_schema`: the tables a target lacks, from the source's catalog (their
+    // secondary indexes and foreign keys once the copy is in). A difference refuses start-up.
+    if settings.copy.create_schema {
+        let outcome = crate::schema::run(
+            settings,
+            crate::schema::Mode::Deferred {
+                system_id: &source.system_id,
+            },
+        )
+        .await
+        .map_err(|e| startup(vec![format!("copy.create_schema: {e}")]))?;
+        if outcome.has_differences() {
+            return Err(startup(
+                outcome
+                    .targets
+                    .into_iter()
+                    .flat_map(|(_, p)| p.differences)
+                    .collect(),
+            ));
+        }
+        for (name, p) in &outcome.targets {
+            for t in &p.created {
+                tracing::info!(target_name = %name, table = %t, "created the table from the source's catalog");
+            }
+        }
+    }
 
     // Inspect the targets, concurrently; then plan them.
     let results = futures::future::join_all(
@@ -217,6 +224,11 @@ pub async fn start(
         SlotDecision::Resume(lsn) => Some(lsn),
         SlotDecision::Create => None,
     };
+    // Copies beside a running stream: the foreign keys linking the copied tables are set aside
+    // until the target is consistent again (`crate::copy::aside`).
+    if resume_at.is_some() {
+        set_aside_keys(settings, &source, &copy_plan).await?;
+    }
     // Side streams: tables copied while their target streams its others (`super::side`).
     let (sides, joins) = match resume_at {
         Some(m) => plan_sides(settings, &source, &inspected, &copies, &copy_plan, m).await?,
@@ -352,6 +364,7 @@ pub async fn start(
         online,
         settings: streamed,
         holds,
+        system_id: source.system_id.clone(),
     }))
 }
 
@@ -499,6 +512,40 @@ async fn copy_tables(
     Ok(Some(lsn))
 }
 
+/// Sets aside, on each target that copies tables at this (later) start, the foreign keys with
+/// an end in a copied table. A target where this role may not drop them keeps them: its copies
+/// then hold the target (and a resumed table that others reference is copied again whole).
+async fn set_aside_keys(
+    settings: &Settings,
+    source: &SourceCatalog,
+    plan: &CopyPlan,
+) -> Result<(), DaemonError> {
+    for (i, t) in settings.targets.iter().enumerate() {
+        let copying = plan.tables_of(i);
+        if copying.is_empty() {
+            continue;
+        }
+        let mut client = target_client(t).await.map_err(|e| startup(vec![e]))?;
+        match crate::copy::aside::set_aside(&mut client, &key(settings, source, t), &copying)
+            .await
+            .map_err(|e| startup(vec![e]))?
+        {
+            crate::copy::aside::SetAside::Done(keys) => {
+                for a in keys {
+                    tracing::warn!(target_name = %t.name, table = %a.table, constraint = %a.name, references = %a.parent, "foreign key set aside while its tables copy beside the stream; it is added back (then validated) once the target has caught up");
+                }
+            }
+            crate::copy::aside::SetAside::Busy => {
+                tracing::warn!(target_name = %t.name, "the tables of foreign keys to set aside stayed locked by other sessions: the keys stay, so the target waits while their tables copy");
+            }
+            crate::copy::aside::SetAside::NotAllowed(keys) => {
+                tracing::warn!(target_name = %t.name, constraints = ?keys, "this role does not own these foreign keys' tables (or may not reference the other): they stay, so the target waits while their tables copy");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Plans side streams at a start that resumes at the slot's confirmed position `confirmed`:
 /// side tables that may join their target now (their join points), and per target the side
 /// stream that runs (tables it applies, tables this start copies onto it).
@@ -515,12 +562,7 @@ async fn plan_sides(
     let mut joins = Vec::new();
     for (i, t) in settings.targets.iter().enumerate() {
         let mut joined = side::side_tables(&copies[i]);
-        let copying: Vec<TableName> = plan
-            .jobs
-            .iter()
-            .filter(|j| j.owners.iter().any(|o| o.target == i))
-            .map(|j| j.table.clone())
-            .collect();
+        let copying = plan.tables_of(i);
         if joined.is_empty() && copying.is_empty() {
             continue;
         }

@@ -29,6 +29,9 @@ pub struct TargetPlan {
     pub pre_data: Vec<String>,
     /// Secondary indexes and same-target foreign keys of the created tables.
     pub post_data: Vec<String>,
+    /// The same-target foreign keys among `post_data`: referencing table, name, referenced
+    /// table, definition.
+    pub foreign_keys: Vec<(TableName, String, TableName, String)>,
     /// Tables to create.
     pub created: Vec<TableName>,
     /// Foreign keys not created because they cross services.
@@ -165,10 +168,12 @@ pub fn plan_target(
                     .extend(src.indexes.iter().map(|(_, def)| def.clone()));
                 for (name, def, referenced) in &src.foreign_keys {
                     if owned.contains(referenced) {
-                        p.post_data.push(format!(
-                            "ALTER TABLE {} ADD CONSTRAINT {} {def}",
-                            t.quoted(),
-                            quote_ident(name)
+                        p.post_data.push(foreign_key_sql(t, name, def));
+                        p.foreign_keys.push((
+                            t.clone(),
+                            name.clone(),
+                            referenced.clone(),
+                            def.clone(),
                         ));
                     } else {
                         let owners = owner_of
@@ -281,16 +286,31 @@ impl Outcome {
     }
 }
 
+/// The statement that creates a foreign key.
+fn foreign_key_sql(t: &TableName, name: &str, def: &str) -> String {
+    format!(
+        "ALTER TABLE {} ADD CONSTRAINT {} {def}",
+        t.quoted(),
+        quote_ident(name)
+    )
+}
+
 /// What [`run`] does once it has planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum Mode<'a> {
     /// Report only.
     Report,
     /// Create everything missing.
     Apply,
-    /// Create types and tables with their keys; keep their secondary indexes and foreign keys
-    /// in `pgcarve.schema_pending` (same transaction) for [`finish_pending`], once the data is in.
-    Deferred,
+    /// Create types and tables with their keys; keep their secondary indexes in
+    /// `pgcarve.schema_pending` (same transaction) for [`finish_pending`], once the data is in,
+    /// and their foreign keys in `pgcarve.fk_aside` (`crate::copy::aside`), put back once the
+    /// tables they link are copied and streaming, keyed by the source's system identifier (and
+    /// the slot and target, as `pgcarve.progress`).
+    Deferred {
+        /// The source's system identifier.
+        system_id: &'a str,
+    },
 }
 
 /// Keeps the statements that run once the initial copy is in (`copy.create_schema`).
@@ -350,7 +370,7 @@ pub async fn finish_pending(settings: &Settings) -> Result<(), String> {
 
 /// Reads the source and every target, plans, and (with no difference anywhere) creates what is
 /// missing. Errors (unreachable databases, refused DDL) are returned as text without values.
-pub async fn run(settings: &Settings, mode: Mode) -> Result<Outcome, String> {
+pub async fn run(settings: &Settings, mode: Mode<'_>) -> Result<Outcome, String> {
     let src = crate::pg::open(&settings.source, "source").await?;
     let mut owner_of: HashMap<TableName, Vec<String>> = HashMap::new();
     for t in &settings.targets {
@@ -405,20 +425,48 @@ pub async fn run(settings: &Settings, mode: Mode) -> Result<Outcome, String> {
             .transaction()
             .await
             .map_err(|e| format!("target {name}: {}", safe_pg_error(&e)))?;
-        let now: &[String] = if mode == Mode::Deferred {
+        let deferred: Vec<String>;
+        let now: &[String] = if let Mode::Deferred { system_id } = mode {
             tx.batch_execute(PENDING_SQL)
                 .await
                 .map_err(|e| format!("target {name}: {}", safe_pg_error(&e)))?;
-            for (seq, stmt) in plan.post_data.iter().enumerate() {
-                let seq = i32::try_from(seq).unwrap_or(i32::MAX);
+            // Foreign keys wait in `pgcarve.fk_aside`; the indexes here, after any kept earlier.
+            let keys: Vec<String> = plan
+                .foreign_keys
+                .iter()
+                .map(|(t, n, _, d)| foreign_key_sql(t, n, d))
+                .collect();
+            deferred = plan
+                .post_data
+                .iter()
+                .filter(|s| !keys.contains(s))
+                .cloned()
+                .collect();
+            let first: i32 = tx
+                .query_one(
+                    "SELECT coalesce(max(seq) + 1, 0) FROM pgcarve.schema_pending WHERE target = $1",
+                    &[name],
+                )
+                .await
+                .map_err(|e| format!("target {name}: {}", safe_pg_error(&e)))?
+                .get(0);
+            for (seq, stmt) in deferred.iter().enumerate() {
+                let seq = first.saturating_add(i32::try_from(seq).unwrap_or(i32::MAX));
                 tx.execute(
-                    "INSERT INTO pgcarve.schema_pending (target, seq, statement) VALUES ($1, $2, $3) \
-                     ON CONFLICT (target, seq) DO UPDATE SET statement = EXCLUDED.statement",
+                    "INSERT INTO pgcarve.schema_pending (target, seq, statement) VALUES ($1, $2, $3)",
                     &[name, &seq, stmt],
                 )
                 .await
                 .map_err(|e| format!("target {name}: {}", safe_pg_error(&e)))?;
             }
+            let key = crate::apply::progress::ProgressKey {
+                system_id: system_id.to_string(),
+                slot: settings.slot.clone(),
+                target: name.clone(),
+            };
+            crate::copy::aside::keep_created(&tx, &key, &plan.foreign_keys)
+                .await
+                .map_err(|e| format!("target {name}: keep foreign keys: {}", safe_pg_error(&e)))?;
             &[]
         } else {
             &plan.post_data
