@@ -90,8 +90,9 @@ pub fn row_sum(columns: &str) -> String {
     format!("coalesce(sum({}), 0)::text", row_hash(columns))
 }
 
-/// The condition selecting keys `from..to` of an integer key (`None`: open at that end).
-pub fn key_range(key: &str, from: Option<i64>, to: Option<i64>) -> String {
+/// The condition selecting keys `from..to` (`None`: open at that end): `key` an expression of
+/// the key (a column, or `ROW(…)` of several), the bounds SQL literals of it.
+pub fn key_range<T: std::fmt::Display>(key: &str, from: Option<T>, to: Option<T>) -> String {
     match (from, to) {
         (None, None) => "true".into(),
         (Some(a), None) => format!("{key} >= {a}"),
@@ -114,7 +115,7 @@ mod tests {
 
     #[test]
     fn key_ranges_are_half_open() {
-        assert_eq!(key_range("id", None, None), "true");
+        assert_eq!(key_range::<i64>("id", None, None), "true");
         assert_eq!(key_range("id", Some(3), Some(9)), "id >= 3 AND id < 9");
         assert_eq!(key_range("id", None, Some(9)), "id < 9");
     }

@@ -671,11 +671,12 @@ async fn teardown_puts_back_a_foreign_key_set_aside_by_a_copy_that_never_finishe
     assert!(back, "the key is back, validated, and the bookkeeping gone");
 }
 
-/// Each row's `xmin` on a target: unchanged exactly when the row was not written again.
-async fn row_versions(env: &Env, target: &str) -> std::collections::HashMap<i64, String> {
-    env.target(target)
+/// Each row's `xmin` by its key (`key`: an expression of `visits`' key as text) on the clinic:
+/// unchanged exactly when the row was not written again.
+async fn row_versions(env: &Env, key: &str) -> std::collections::HashMap<String, String> {
+    env.target("clinic")
         .await
-        .query("SELECT id, xmin::text FROM visits", &[])
+        .query(&format!("SELECT {key}, xmin::text FROM visits"), &[])
         .await
         .unwrap()
         .iter()
@@ -683,24 +684,21 @@ async fn row_versions(env: &Env, target: &str) -> std::collections::HashMap<i64,
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
-    // Another table references visits: its foreign key is set aside for the resume (emptying
-    // a range that differs must not fail or cascade), then comes back.
-    let env = Env::new(
-        "CREATE TABLE visits (id bigint PRIMARY KEY, patient bigint, note text);
-         CREATE TABLE visit_codes (id bigint PRIMARY KEY, visit_id bigint REFERENCES visits, code text);",
-        &[("clinic", &["visits", "visit_codes"])],
-    )
-    .await;
+/// A copy of 400,000 `visits` (created by `schema`, filled by `seed`) killed after 8 of 40
+/// chunks; `changes` on the monolith; a start again. Then ≥ 90% of the rows already copied
+/// keep their version, and the row `changed` (its key as `key` shows it) was written again.
+async fn resume_keeps_ranges(
+    schema: &str,
+    tables: &[&str],
+    seed: &str,
+    changes: &str,
+    key: &str,
+    changed: &str,
+) -> (Env, String) {
+    let env = Env::new(schema, &[("clinic", tables)]).await;
     let src = env.source().await;
-    src.batch_execute(
-        "INSERT INTO visits SELECT g, g % 1000, 'zqnote' || g FROM generate_series(1, 400000) g;
-         INSERT INTO visit_codes SELECT g, g * 7, 'zqcode' FROM generate_series(1, 1000) g;
-         ANALYZE visits;",
-    )
-    .await
-    .unwrap();
+    src.batch_execute(seed).await.unwrap();
+    src.batch_execute("ANALYZE visits").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("daemon.toml");
     std::fs::write(
@@ -718,34 +716,27 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
     })
     .await;
     kill9(&mut child);
-    let before = row_versions(&env, "clinic").await;
+    let before = row_versions(&env, key).await;
     assert!(
         before.len() >= 50_000 && before.len() < 400_000,
         "{} rows",
         before.len()
     );
     // Meanwhile the monolith changes rows the target holds and rows it does not.
-    src.batch_execute(
-        "UPDATE visits SET note = 'zqchanged' WHERE id IN (5, 390000);
-         DELETE FROM visits WHERE id = 20005;
-         INSERT INTO visits VALUES (500000, 1, 'zqnew');",
-    )
-    .await
-    .unwrap();
+    src.batch_execute(changes).await.unwrap();
     child = spawn_daemon(&config, &log);
     env.wait_slot().await;
-    env.wait_equal("clinic", "visits").await;
-    env.wait_equal("clinic", "visit_codes").await;
-    wait_until(
-        "the key back and validated",
-        Duration::from_secs(60),
-        || async { key_state(&env, "visit_codes_visit_id_fkey").await == (Some(true), 0) },
-    )
+    for t in tables {
+        env.wait_equal("clinic", t).await;
+    }
+    wait_until("keys set aside back", Duration::from_secs(60), || async {
+        key_state(&env, "").await.1 == 0
+    })
     .await;
-    let after = row_versions(&env, "clinic").await;
+    let after = row_versions(&env, key).await;
     let kept = before
         .iter()
-        .filter(|(id, xmin)| after.get(id) == Some(xmin))
+        .filter(|(id, xmin)| after.get(*id) == Some(xmin))
         .count();
     assert!(
         kept * 10 >= before.len() * 9,
@@ -753,18 +744,60 @@ async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
         before.len()
     );
     assert_ne!(
-        before.get(&5),
-        after.get(&5),
+        before.get(changed),
+        after.get(changed),
         "the changed row's range was copied again"
     );
     terminate(&mut child);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("zq"), "log leaks values");
     assert!(text.contains("resumed"), "the resume was logged");
+    (env, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_copy_keeps_the_key_ranges_the_target_already_holds() {
+    // Another table references visits: its foreign key is set aside for the resume (emptying
+    // a range that differs must not fail or cascade), then comes back.
+    let (env, log) = resume_keeps_ranges(
+        "CREATE TABLE visits (id bigint PRIMARY KEY, patient bigint, note text);
+         CREATE TABLE visit_codes (id bigint PRIMARY KEY, visit_id bigint REFERENCES visits, code text);",
+        &["visits", "visit_codes"],
+        "INSERT INTO visits SELECT g, g % 1000, 'zqnote' || g FROM generate_series(1, 400000) g;
+         INSERT INTO visit_codes SELECT g, g * 7, 'zqcode' FROM generate_series(1, 1000) g;",
+        "UPDATE visits SET note = 'zqchanged' WHERE id IN (5, 390000);
+         DELETE FROM visits WHERE id = 20005;
+         INSERT INTO visits VALUES (500000, 1, 'zqnew');",
+        "id::text",
+        "5",
+    )
+    .await;
     assert!(
-        text.contains("foreign key set aside"),
+        log.contains("foreign key set aside"),
         "the key referencing visits was set aside"
     );
+    wait_until(
+        "the key back and validated",
+        Duration::from_secs(60),
+        || async { key_state(&env, "visit_codes_visit_id_fkey").await == (Some(true), 0) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_copy_keeps_the_ranges_of_a_composite_text_key() {
+    resume_keeps_ranges(
+        "CREATE TABLE visits (ward text, n int, note text, PRIMARY KEY (ward, n));",
+        &["visits"],
+        "INSERT INTO visits SELECT 'ward' || lpad((g / 10000)::text, 2, '0'), g % 10000, 'zqnote' || g
+             FROM generate_series(0, 399999) g;",
+        "UPDATE visits SET note = 'zqchanged' WHERE (ward, n) IN (('ward00', 5), ('ward39', 7));
+         DELETE FROM visits WHERE (ward, n) = ('ward02', 5);
+         INSERT INTO visits VALUES ('ward99', 1, 'zqnew'), ('ward00x', 1, 'zqnew');",
+        "ward || '/' || n",
+        "ward00/5",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -430,6 +430,8 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut last: HashMap<String, String> = HashMap::new();
+    // One connection per target, kept between looks (opened again after a problem).
+    let mut clients: HashMap<String, Client> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -441,7 +443,20 @@ pub async fn run(
                 slot: settings.slot.clone(),
                 target: t.name.clone(),
             };
-            let outcome = restore_target(&settings, &tls, t, &key).await;
+            let client = match clients.remove(&t.name) {
+                Some(c) if !c.is_closed() => Ok(c),
+                _ => crate::pg::open(&t.conn, &format!("target {}", t.name)).await,
+            };
+            let outcome = match client {
+                Ok(mut c) => {
+                    let r = restore_target(&settings, &tls, &mut c, t, &key).await;
+                    if r.is_ok() {
+                        clients.insert(t.name.clone(), c);
+                    }
+                    r
+                }
+                Err(reason) => Err(reason),
+            };
             let problem = match outcome {
                 Ok((back, problems)) => {
                     for a in back {
@@ -464,11 +479,11 @@ pub async fn run(
 async fn restore_target(
     settings: &crate::config::Settings,
     tls: &crate::tls::TlsConnector,
+    client: &mut Client,
     t: &crate::config::Target,
     key: &ProgressKey,
 ) -> Result<(Vec<Aside>, Vec<String>), String> {
-    let mut client = crate::pg::open(&t.conn, &format!("target {}", t.name)).await?;
-    let pending = read(&client, key).await.map_err(|e| {
+    let pending = read(client, key).await.map_err(|e| {
         format!(
             "target {}: read foreign keys set aside: {}",
             t.name,
@@ -492,7 +507,7 @@ async fn restore_target(
     let Some(confirmed) = confirmed.and_then(|s| s.parse::<Lsn>().ok()) else {
         return Ok((Vec::new(), Vec::new()));
     };
-    restore_due(&mut client, key, &t.tables, confirmed).await
+    restore_due(client, key, &t.tables, confirmed).await
 }
 
 #[cfg(test)]

@@ -41,10 +41,10 @@
 //! snapshot, each compared with what the target holds ([`Patch`]): a range whose checksum
 //! agrees on both sides is kept as it is — whichever snapshot its rows were copied under, they
 //! now equal the new snapshot's — and only a range that differs is emptied and copied again, in
-//! one transaction with its chunk row. (For a table with a single-column integer key and no
-//! foreign key left on an owner — they are set aside for a resumed copy, [`aside`]; any other
-//! unfinished table is emptied and copied again as a whole.) Tables that finished are never
-//! copied again.
+//! one transaction with its chunk row. (For a table with a primary key of any columns and no
+//! foreign key left on an owner — they are set aside for a resumed copy, [`aside`]; a table
+//! without a primary key, or partitioned, is emptied and copied again as a whole.) Tables
+//! that finished are never copied again.
 //!
 //! A partitioned table is read one leaf partition per chunk and written to the routed (root)
 //! table. A table that references itself is read in one chunk (its foreign key is checked at
@@ -118,9 +118,10 @@ pub enum Chunk {
     Blocks(u64, Option<u64>),
     /// One leaf partition of a partitioned table.
     Leaf(TableName),
-    /// Keys `from..to` of the single-column integer key (`None`: open), compared with what the
-    /// target holds first (a resumed copy, see [`Patch`]).
-    Keys(Option<i64>, Option<i64>),
+    /// Keys `from..to` of the primary key (`None`: open), compared with what the target holds
+    /// first (a resumed copy, see [`Patch`]). The bounds are SQL literals of the key: values,
+    /// never to be logged.
+    Keys(Option<String>, Option<String>),
 }
 
 /// A range's row count and checksum (`rowhash::row_sum`).
@@ -133,9 +134,12 @@ type Checksum = (i64, String);
 /// recorded done in that same transaction and kept, a range that differs is emptied there and
 /// copied again — consecutive ones together, as one chunk of about `copy.chunk_rows` rows.
 /// Ranges of an earlier copy's finished chunks agree whichever snapshot they were read under.
-/// For a table with a single-column integer key that no other table on an owner references
-/// and that does not reference itself (emptying a range must not cascade or fail), and is not
-/// partitioned.
+/// For a table with a primary key that no other table on an owner references and that does
+/// not reference itself (emptying a range must not cascade or fail: such keys are set aside for
+/// a resumed copy, [`aside`]), and is not partitioned. A single-column integer key is split
+/// evenly over its span; any other key (text, uuid, several columns) at every `range_rows`-th
+/// key in its order under the snapshot, compared as a row (`ROW(a, b) >= ROW(…)`) through its
+/// index.
 #[derive(Debug, Clone)]
 struct Patch {
     /// The key, quoted.
@@ -156,25 +160,32 @@ impl Patch {
     /// The (count, checksum) of every range with rows among those `within` selects, in one
     /// scan, keyed like `source`.
     fn checksums_sql(&self, table: &TableName, chunks: &[Chunk], within: &str) -> String {
-        let lows: Vec<String> = chunks
+        let lows: Vec<&str> = chunks
             .iter()
-            .map(|c| match c {
-                Chunk::Keys(from, _) => from.unwrap_or(i64::MIN).to_string(),
-                _ => i64::MIN.to_string(),
+            .skip(1)
+            .filter_map(|c| match c {
+                Chunk::Keys(Some(from), _) => Some(from.as_str()),
+                _ => None,
             })
             .collect();
+        let bucket = if lows.is_empty() {
+            "1::bigint".to_string()
+        } else {
+            format!(
+                "(width_bucket({}, ARRAY[{}]) + 1)::bigint",
+                self.key,
+                lows.join(",")
+            )
+        };
         format!(
-            "SELECT width_bucket({k}::bigint, '{{{lows}}}'::bigint[])::bigint, count(*), {sum} \
-             FROM ONLY {t} WHERE {within} GROUP BY 1",
-            k = self.key,
-            lows = lows.join(","),
+            "SELECT {bucket}, count(*), {sum} FROM ONLY {t} WHERE {within} GROUP BY 1",
             sum = crate::rowhash::row_sum(&self.hashed),
             t = table.quoted()
         )
     }
 
     /// The condition selecting a key range.
-    fn range(&self, from: Option<i64>, to: Option<i64>) -> String {
+    fn range(&self, from: Option<&String>, to: Option<&String>) -> String {
         crate::rowhash::key_range(&self.key, from, to)
     }
 }
@@ -184,14 +195,18 @@ impl Patch {
 pub fn key_chunks(lo: i64, hi: i64, n: u64) -> Vec<Chunk> {
     let span = i128::from(hi) - i128::from(lo) + 1;
     let n = i128::from(n.max(1)).min(span.max(1));
-    if n <= 1 {
-        return vec![Chunk::Keys(None, None)];
-    }
-    let at = |i: i128| (i128::from(lo) + span * i / n) as i64;
+    let at = |i: i128| ((i128::from(lo) + span * i / n) as i64).to_string();
+    bounded_chunks((1..n).map(at).collect())
+}
+
+/// Key ranges split at `bounds` (SQL literals of the key, ascending), the first open below
+/// and the last open above (pure).
+pub fn bounded_chunks(bounds: Vec<String>) -> Vec<Chunk> {
+    let n = bounds.len() + 1;
     (0..n)
         .map(|i| {
-            let from = (i > 0).then(|| at(i));
-            let to = (i + 1 < n).then(|| at(i + 1));
+            let from = (i > 0).then(|| bounds[i - 1].clone());
+            let to = bounds.get(i).cloned();
             Chunk::Keys(from, to)
         })
         .collect()
@@ -415,8 +430,12 @@ async fn prepare_table(
     } else if job.owners.iter().any(|o| o.redo) && !referenced {
         // Resumed: key ranges compared with what the owners hold (`Patch`), when the key
         // allows.
-        match integer_key(src, t).await.map_err(|e| fail("read key", e))? {
-            Some((key, lo, hi)) => {
+        let rows = range_rows(chunk_rows);
+        match key_ranges(src, t, estimate.div_ceil(rows), rows)
+            .await
+            .map_err(|e| fail("read key", e))?
+        {
+            Some((key, chunks)) => {
                 let hashed = crate::rowhash::columns(src, t)
                     .await
                     .map_err(|e| fail("read columns", e))?;
@@ -427,7 +446,7 @@ async fn prepare_table(
                     kept: Arc::new(AtomicU64::new(0)),
                     todo: Arc::default(),
                 });
-                key_chunks(lo, hi, estimate.div_ceil(range_rows(chunk_rows)))
+                chunks
             }
             None => block_chunks(pages, estimate, chunk_rows),
         }
@@ -496,45 +515,93 @@ async fn checksums(
         .collect())
 }
 
-/// The table's single-column integer primary key (quoted) and its span under the snapshot;
-/// `None` without one (or without rows).
-async fn integer_key(
+/// The table's primary key as an expression (a column, or `ROW(…)` of several) and its key
+/// ranges under the snapshot; `None` without a primary key (or without rows). A single-column
+/// integer key is split evenly over its span into `n` ranges; any other key at every `rows`-th
+/// key in its order (one scan of the key's index).
+async fn key_ranges(
     src: &Client,
     t: &TableName,
-) -> Result<Option<(String, i64, i64)>, tokio_postgres::Error> {
-    let key: Vec<(String, String)> = src
+    n: u64,
+    rows: u64,
+) -> Result<Option<(String, Vec<Chunk>)>, tokio_postgres::Error> {
+    let key: Vec<(String, String, bool)> = src
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, NULL) \
-             FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    a.attcollation IN (0, 100) \
+             FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary ORDER BY k.ord",
             &[&t.quoted()],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let [(name, ty)] = key.as_slice() else {
-        return Ok(None);
-    };
-    if !matches!(ty.as_str(), "smallint" | "integer" | "bigint") {
+    // Ranges of several columns are numbered by comparing anonymous rows, whose columns
+    // compare in the default collation, and selected by comparing the columns themselves: the
+    // two agree only when every column uses the default collation (or none).
+    if key.is_empty() || (key.len() > 1 && key.iter().any(|(_, _, default)| !default)) {
         return Ok(None);
     }
-    let k = quote_ident(name);
-    let row = src
-        .query_one(
-            &format!(
-                "SELECT min({k})::bigint, max({k})::bigint FROM ONLY {}",
-                t.quoted()
-            ),
-            &[],
-        )
-        .await?;
-    Ok(
-        match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
-            (Some(lo), Some(hi)) => Some((k, lo, hi)),
-            _ => None,
-        },
-    )
+    if let [(name, ty, _)] = key.as_slice() {
+        if matches!(ty.as_str(), "smallint" | "integer" | "bigint") {
+            let k = quote_ident(name);
+            let row = src
+                .query_one(
+                    &format!(
+                        "SELECT min({k})::bigint, max({k})::bigint FROM ONLY {}",
+                        t.quoted()
+                    ),
+                    &[],
+                )
+                .await?;
+            return Ok(
+                match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
+                    (Some(lo), Some(hi)) => Some((k, key_chunks(lo, hi, n))),
+                    _ => None,
+                },
+            );
+        }
+    }
+    let cols: Vec<String> = key.iter().map(|(c, _, _)| quote_ident(c)).collect();
+    let inner: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c} AS k{i}"))
+        .collect();
+    let outer: Vec<String> = (0..cols.len()).map(|i| format!("k{i}::text")).collect();
+    let sql = format!(
+        "SELECT {outer} FROM (SELECT {inner}, row_number() OVER (ORDER BY {order}) AS pgcarve_rn \
+         FROM ONLY {t}) s WHERE pgcarve_rn % {rows} = 1 AND pgcarve_rn > 1 ORDER BY pgcarve_rn",
+        outer = outer.join(", "),
+        inner = inner.join(", "),
+        order = cols.join(", "),
+        t = t.quoted(),
+        rows = rows.max(1)
+    );
+    let bounds: Vec<String> = src
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| {
+            let values: Vec<String> = key
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty, _))| format!("{}::{ty}", quote_literal(r.get::<_, &str>(i))))
+                .collect();
+            row_literal(&values)
+        })
+        .collect();
+    Ok(Some((row_literal(&cols), bounded_chunks(bounds))))
+}
+
+/// `a` for one part, `ROW(a, b, …)` for several (pure).
+fn row_literal(parts: &[String]) -> String {
+    match parts {
+        [one] => one.clone(),
+        many => format!("ROW({})", many.join(", ")),
+    }
 }
 
 /// The source statement of one chunk.
@@ -554,10 +621,10 @@ fn copy_out_sql(p: &Prepared, chunk: &Chunk) -> String {
             leaf.quoted()
         ),
         Chunk::Keys(from, to) => {
-            let w = p
-                .patch
-                .as_ref()
-                .map_or_else(|| "true".to_string(), |x| x.range(*from, *to));
+            let w = p.patch.as_ref().map_or_else(
+                || "true".to_string(),
+                |x| x.range(from.as_ref(), to.as_ref()),
+            );
             format!("COPY (SELECT {cols} FROM ONLY {t} WHERE {w}) TO STDOUT (FORMAT {fmt})")
         }
         Chunk::Blocks(from, to) => {
@@ -603,10 +670,10 @@ async fn read_source_ranges(
     }
     wanted.sort_unstable();
     let bounds = |b: i64| match p.chunks.get((b - 1).max(0) as usize) {
-        Some(Chunk::Keys(from, to)) => (*from, *to),
+        Some(Chunk::Keys(from, to)) => (from.as_ref(), to.as_ref()),
         _ => (None, None),
     };
-    let mut spans: Vec<(Option<i64>, Option<i64>, i64)> = Vec::new();
+    let mut spans: Vec<(Option<&String>, Option<&String>, i64)> = Vec::new();
     for &b in &wanted {
         let (from, to) = bounds(b);
         match spans.last_mut() {
@@ -722,7 +789,7 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
                     tx.batch_execute(&format!(
                         "DELETE FROM ONLY {} WHERE {}",
                         p.job.table.quoted(),
-                        patch.range(*from, *to)
+                        patch.range(from.as_ref(), to.as_ref())
                     ))
                     .await
                     .map_err(|e| err("empty a range that differs", e))?;
@@ -767,7 +834,7 @@ async fn copy_chunk(
 ) -> Result<u64, String> {
     let t = &p.job.table;
     let chunk = match (&p.chunks[unit.first], &p.chunks[unit.last]) {
-        (Chunk::Keys(from, _), Chunk::Keys(_, to)) => Chunk::Keys(*from, *to),
+        (Chunk::Keys(from, _), Chunk::Keys(_, to)) => Chunk::Keys(from.clone(), to.clone()),
         (c, _) => c.clone(),
     };
     let chunk = &chunk;
@@ -1336,11 +1403,20 @@ mod tests {
         assert_eq!(
             key_chunks(1, 100, 3),
             vec![
-                Chunk::Keys(None, Some(34)),
-                Chunk::Keys(Some(34), Some(67)),
-                Chunk::Keys(Some(67), None)
+                Chunk::Keys(None, Some("34".into())),
+                Chunk::Keys(Some("34".into()), Some("67".into())),
+                Chunk::Keys(Some("67".into()), None)
             ]
         );
+        // Bounds of any key: one more range than bounds, each bound shared by two.
+        let c = bounded_chunks(vec!["ROW('a'::text, 1::integer)".into()]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            Chunk::Keys(None, Some("ROW('a'::text, 1::integer)".into()))
+        );
+        assert_eq!(row_literal(&["\"a\"".into()]), "\"a\"");
+        assert_eq!(row_literal(&["a".into(), "b".into()]), "ROW(a, b)");
         // Never more ranges than keys, and no overflow at the ends of the type.
         assert_eq!(key_chunks(5, 6, 10).len(), 2);
         assert_eq!(key_chunks(i64::MIN, i64::MAX, 4).len(), 4);
