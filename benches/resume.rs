@@ -5,7 +5,9 @@
 //! key ranges the target holds with the source and copies only those that differ.
 //!
 //! `cargo bench --bench resume`. Knobs: `PGCARVE_BENCH_RESUME_ROWS` (default 1000000),
-//! `PGCARVE_BENCH_ROUNDS` (default 3, median reported).
+//! `PGCARVE_BENCH_ROUNDS` (default 3, median reported), `PGCARVE_BENCH_RESUME_KEY=composite`
+//! (a `(ward text, id bigint)` primary key instead of `id bigint`: its ranges are cut at every
+//! n-th key in its order and compared as rows).
 
 use std::time::{Duration, Instant};
 
@@ -13,8 +15,9 @@ use pgcarve::localpg::{Cluster, ClusterOptions};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-const SCHEMA: &str = "CREATE TABLE rx (id bigint PRIMARY KEY, patient_id bigint NOT NULL, \
-    drug text NOT NULL, dose numeric(10,2), written_at timestamptz NOT NULL, note text)";
+const SCHEMA: &str = "CREATE TABLE rx (ward text NOT NULL, id bigint NOT NULL, \
+    patient_id bigint NOT NULL, drug text NOT NULL, dose numeric(10,2), \
+    written_at timestamptz NOT NULL, note text, PRIMARY KEY";
 
 async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
@@ -87,6 +90,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let composite = std::env::var("PGCARVE_BENCH_RESUME_KEY").is_ok_and(|k| k == "composite");
+    let schema = format!(
+        "{SCHEMA} {})",
+        if composite { "(ward, id)" } else { "(id)" }
+    );
     pgcarve::localpg::reap_stale_dirs();
     let source = Cluster::start(&ClusterOptions::default()).unwrap();
     let target = Cluster::start(&ClusterOptions::default()).unwrap();
@@ -103,7 +111,7 @@ fn main() {
             .unwrap();
         let src = connect(&source.url("src")).await;
         src.batch_execute(&format!(
-            "{SCHEMA}; INSERT INTO rx SELECT g, g % 5000, 'drug-' || (g % 300), (g % 97) * 1.25, \
+            "{schema}; INSERT INTO rx SELECT 'ward-' || lpad((g / 100000)::text, 4, '0'), g, g % 5000, 'drug-' || (g % 300), (g % 97) * 1.25, \
              '2026-01-01'::timestamptz + g * interval '1 second', repeat('n', 80) \
              FROM generate_series(1, {rows}) g; ANALYZE rx"
         ))
@@ -111,7 +119,10 @@ fn main() {
         .unwrap();
         let chunk_rows = (rows / 10).max(1000);
         let total_chunks = rows.div_ceil(chunk_rows) as i64;
-        println!("pgcarve resume bench: {rows} rows in chunks of {chunk_rows}, {rounds} rounds");
+        println!(
+            "pgcarve resume bench: {rows} rows in chunks of {chunk_rows}, {rounds} rounds, {} key",
+            if composite { "(ward text, id bigint)" } else { "id bigint" }
+        );
         let (mut whole, mut resumed) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             for resume in [false, true] {
@@ -122,7 +133,7 @@ fn main() {
                     .await
                     .unwrap();
                 let dst = connect(&target.url(&name)).await;
-                dst.batch_execute(SCHEMA).await.unwrap();
+                dst.batch_execute(&schema).await.unwrap();
                 let config = format!(
                     "[source]\nurl = {:?}\nslot = {name:?}\npublication = {name:?}\n\n[metrics]\nlisten = \"\"\n\n\
                      [copy]\nchunk_rows = {chunk_rows}\nparallel = 1\n\n[targets.t]\nurl = {:?}\ntables = [\"rx\"]\n",

@@ -684,6 +684,32 @@ async fn row_versions(env: &Env, key: &str) -> std::collections::HashMap<String,
         .collect()
 }
 
+/// Starts pgcarve on `env` (chunks of 10,000 rows, one at a time) and kills it (-9) once
+/// `chunks` chunks of `visits` committed on the clinic. Returns its folder, config and log.
+async fn killed_mid_copy(
+    env: &Env,
+    chunks: i64,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[copy]\nchunk_rows = 10000\nparallel = 1\n",
+            env.config()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    wait_until("chunks of visits", Duration::from_secs(60), || async {
+        chunks_done(env, "clinic", "public.visits").await >= chunks
+    })
+    .await;
+    kill9(&mut child);
+    (dir, config, log)
+}
+
 /// A copy of 400,000 `visits` (created by `schema`, filled by `seed`) killed after 8 of 40
 /// chunks; `changes` on the monolith; a start again. Then ≥ 90% of the rows already copied
 /// keep their version, and the row `changed` (its key as `key` shows it) was written again.
@@ -699,23 +725,7 @@ async fn resume_keeps_ranges(
     let src = env.source().await;
     src.batch_execute(seed).await.unwrap();
     src.batch_execute("ANALYZE visits").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("daemon.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}\n[copy]\nchunk_rows = 10000\nparallel = 1\n",
-            env.config()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&config, &log);
-    wait_until("chunks of visits", Duration::from_secs(60), || async {
-        chunks_done(&env, "clinic", "public.visits").await >= 8
-    })
-    .await;
-    kill9(&mut child);
+    let (_dir, config, log) = killed_mid_copy(&env, 8).await;
     let before = row_versions(&env, key).await;
     assert!(
         before.len() >= 50_000 && before.len() < 400_000,
@@ -724,7 +734,7 @@ async fn resume_keeps_ranges(
     );
     // Meanwhile the monolith changes rows the target holds and rows it does not.
     src.batch_execute(changes).await.unwrap();
-    child = spawn_daemon(&config, &log);
+    let mut child = spawn_daemon(&config, &log);
     env.wait_slot().await;
     for t in tables {
         env.wait_equal("clinic", t).await;
@@ -798,6 +808,46 @@ async fn a_resumed_copy_keeps_the_ranges_of_a_composite_text_key() {
         "ward00/5",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_a_target_that_orders_the_key_otherwise_copies_the_table_again_whole() {
+    let env = Env::new(
+        "CREATE TABLE visits (code text PRIMARY KEY, note text);",
+        &[("clinic", &["visits"])],
+    )
+    .await;
+    // The monolith sorts in C ('B…' before 'a…'), the service in ICU ('a…' before 'B…').
+    env.target("clinic")
+        .await
+        .batch_execute("ALTER TABLE visits ALTER COLUMN code TYPE text COLLATE \"und-x-icu\"")
+        .await
+        .unwrap();
+    let src = env.source().await;
+    src.batch_execute(
+        "INSERT INTO visits SELECT CASE WHEN g % 2 = 0 THEN 'a' ELSE 'B' END || lpad(g::text, 7, '0'), 'zqnote'
+             FROM generate_series(1, 200000) g;
+         ANALYZE visits;",
+    )
+    .await
+    .unwrap();
+    let (_dir, config, log) = killed_mid_copy(&env, 4).await;
+    src.batch_execute(
+        "UPDATE visits SET note = 'zqchanged' WHERE code IN ('B0000001', 'a0000002');
+         DELETE FROM visits WHERE code = 'B0000003';",
+    )
+    .await
+    .unwrap();
+    let mut child = spawn_daemon(&config, &log);
+    env.wait_slot().await;
+    env.wait_equal("clinic", "visits").await;
+    terminate(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("zq"), "log leaks values");
+    assert!(
+        text.contains("orders the table's key differently from the source"),
+        "the order check caught it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

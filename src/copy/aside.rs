@@ -121,11 +121,14 @@ pub enum SetAside {
     Busy,
 }
 
-/// Sets aside every foreign key on the target with an end in `copying`, in one transaction
-/// (waiting at most `lock_timeout` for the tables). Keys already set aside stay so.
+/// Sets aside every foreign key on the target between two of its `routed` tables with an end in
+/// `copying`, in one transaction (waiting at most `lock_timeout` for the tables). Keys already
+/// set aside stay so. Keys from or to a table pgcarve does not route there stay: the service's
+/// own tables keep their referential actions.
 pub async fn set_aside(
     client: &mut Client,
     key: &ProgressKey,
+    routed: &[TableName],
     copying: &[TableName],
 ) -> Result<SetAside, String> {
     let err = |what: &str, e: tokio_postgres::Error| {
@@ -146,7 +149,10 @@ pub async fn set_aside(
             schema: r.get(3),
             name: r.get(4),
         };
-        if !copying.contains(&table) && !copying.contains(&parent) {
+        if (!copying.contains(&table) && !copying.contains(&parent))
+            || !routed.contains(&table)
+            || !routed.contains(&parent)
+        {
             continue;
         }
         let a = Aside {
@@ -352,12 +358,27 @@ pub async fn restore(client: &mut Client, key: &ProgressKey, a: &Aside) -> Resul
             .await
             .map_err(|e| err("read catalog", e))?
             .get(0);
+        // A partitioned table takes no NOT VALID foreign key before PostgreSQL 18: added
+        // valid at once (its rows are checked under the lock).
+        let partitioned: bool = tx
+            .query_one(
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)",
+                &[&a.table.quoted()],
+            )
+            .await
+            .map_err(|e| err("read catalog", e))?
+            .get(0);
         if !exists {
             tx.batch_execute(&format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+                "ALTER TABLE {} ADD CONSTRAINT {} {}{}",
                 a.table.quoted(),
                 quote_ident(&a.name),
-                a.definition
+                a.definition,
+                if partitioned && a.validated {
+                    ""
+                } else {
+                    " NOT VALID"
+                }
             ))
             .await
             .map_err(|e| err("add back", e))?;
@@ -466,8 +487,13 @@ pub async fn run(
                 }
                 Err(reason) => reason,
             };
-            let quiet = problem.is_empty() || problem.contains("55P03");
-            if !quiet && last.get(&t.name) != Some(&problem) {
+            // A lock not granted in time is tried again quietly.
+            let problem = problem
+                .split("; ")
+                .filter(|p| !p.contains("55P03"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !problem.is_empty() && last.get(&t.name) != Some(&problem) {
                 tracing::warn!(target_name = %t.name, "foreign keys set aside: {problem} (tried again shortly)");
             }
             last.insert(t.name.clone(), problem);

@@ -89,6 +89,7 @@ use rows::RowCounter;
 /// same the stream uses), and no server timeout cuts a long copy.
 const SESSION_SQL: &str = "SET extra_float_digits = 3; SET DateStyle = 'ISO'; \
     SET IntervalStyle = 'postgres'; SET lc_monetary = 'C'; SET statement_timeout = 0; \
+    SET standard_conforming_strings = on; \
     SET idle_in_transaction_session_timeout = 0";
 
 /// Each column's type as values are compared and copied (a domain as its base type), and
@@ -142,8 +143,10 @@ type Checksum = (i64, String);
 /// index.
 #[derive(Debug, Clone)]
 struct Patch {
-    /// The key, quoted.
+    /// The key, quoted: a column, or `ROW(…)` of several.
     key: String,
+    /// The key's columns (names as stored).
+    key_columns: Vec<String>,
     /// The columns as hashed (`rowhash::columns`).
     hashed: String,
     /// Per range (bucket 1, 2, … of `width_bucket` over the ranges' lower bounds) read on the
@@ -182,6 +185,75 @@ impl Patch {
             sum = crate::rowhash::row_sum(&self.hashed),
             t = table.quoted()
         )
+    }
+
+    /// Whether the ranges' bounds ascend strictly on this database too (its collation or enum
+    /// order may differ from the source's); a bound it cannot even compare counts as no. A key
+    /// of several columns must use the default collation here too (as on the source).
+    async fn ordered_on(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableName,
+        chunks: &[Chunk],
+    ) -> bool {
+        if self.key_columns.len() > 1 {
+            let default = tx
+                .query_one(
+                    "SELECT coalesce(bool_and(attcollation IN (0, 100)), false) FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND attname = ANY($2)",
+                    &[&table.quoted(), &self.key_columns],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0));
+            if !matches!(default, Ok(true)) {
+                return false;
+            }
+        }
+        // One column compares in its own collation, which the bounds take here.
+        let collate = if self.key_columns.len() == 1 {
+            let coll = tx
+                .query_one(
+                    "SELECT CASE WHEN a.attcollation IN (0, 100) THEN '' \
+                            ELSE ' COLLATE ' || quote_ident(n.nspname) || '.' || quote_ident(c.collname) END \
+                     FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation \
+                     LEFT JOIN pg_namespace n ON n.oid = c.collnamespace \
+                     WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
+                    &[&table.quoted(), &self.key_columns[0]],
+                )
+                .await
+                .map(|r| r.get::<_, String>(0));
+            match coll {
+                Ok(c) => c,
+                Err(_) => return false,
+            }
+        } else {
+            String::new()
+        };
+        let lows: Vec<&str> = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Keys(Some(from), _) => Some(from.as_str()),
+                _ => None,
+            })
+            .collect();
+        let pairs: Vec<String> = lows
+            .windows(2)
+            .map(|w| format!("({}{collate}) < ({}{collate})", w[0], w[1]))
+            .collect();
+        if pairs.is_empty() {
+            return true;
+        }
+        if tx.batch_execute("SAVEPOINT ordered").await.is_err() {
+            return false;
+        }
+        let sql = format!("SELECT {}", pairs.join(" AND "));
+        match tx.query_one(&sql, &[]).await {
+            Ok(row) => row.get::<_, Option<bool>>(0).unwrap_or(false),
+            Err(_) => {
+                let _ = tx.batch_execute("ROLLBACK TO SAVEPOINT ordered").await;
+                false
+            }
+        }
     }
 
     /// The condition selecting a key range.
@@ -398,7 +470,7 @@ async fn prepare_table(
     if never_analyzed && relkind != "p" {
         estimate = pages * 60;
     }
-    let chunks = if relkind == "p" {
+    let mut chunks = if relkind == "p" {
         let leaves = src
             .query(
                 "SELECT n.nspname::text, c.relname::text, greatest(c.reltuples, 0)::bigint \
@@ -435,12 +507,13 @@ async fn prepare_table(
             .await
             .map_err(|e| fail("read key", e))?
         {
-            Some((key, chunks)) => {
+            Some((key, key_columns, chunks)) => {
                 let hashed = crate::rowhash::columns(src, t)
                     .await
                     .map_err(|e| fail("read columns", e))?;
                 patch = Some(Patch {
                     key,
+                    key_columns,
                     hashed,
                     source: Arc::default(),
                     kept: Arc::new(AtomicU64::new(0)),
@@ -480,6 +553,17 @@ async fn prepare_table(
                     ))
                 }
             }
+        }
+        // Key ranges compare the key on both sides: its columns must have the same types.
+        let same_key = |pt: &Patch| {
+            pt.key_columns.iter().all(|k| {
+                let mine = cols.iter().find(|(n, _, _)| n == k).map(|(_, ty, _)| ty);
+                mine.is_some() && tmap.get(k.as_str()).copied() == mine.map(String::as_str)
+            })
+        };
+        if patch.as_ref().is_some_and(|pt| !same_key(pt)) {
+            patch = None;
+            chunks = block_chunks(pages, estimate, chunk_rows);
         }
     }
     Ok(Prepared {
@@ -524,13 +608,17 @@ async fn key_ranges(
     t: &TableName,
     n: u64,
     rows: u64,
-) -> Result<Option<(String, Vec<Chunk>)>, tokio_postgres::Error> {
+) -> Result<Option<(String, Vec<String>, Vec<Chunk>)>, tokio_postgres::Error> {
+    // Literals are cast to the base type of a domain (the target may lack the domain).
     let key: Vec<(String, String, bool)> = src
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+            "SELECT a.attname::text, \
+                    CASE WHEN ty.typtype = 'd' THEN format_type(ty.typbasetype, ty.typtypmod) \
+                         ELSE format_type(a.atttypid, a.atttypmod) END, \
                     a.attcollation IN (0, 100) \
              FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             JOIN pg_type ty ON ty.oid = a.atttypid \
              WHERE i.indrelid = to_regclass($1) AND i.indisprimary ORDER BY k.ord",
             &[&t.quoted()],
         )
@@ -544,6 +632,7 @@ async fn key_ranges(
     if key.is_empty() || (key.len() > 1 && key.iter().any(|(_, _, default)| !default)) {
         return Ok(None);
     }
+    let names: Vec<String> = key.iter().map(|(n, _, _)| n.clone()).collect();
     if let [(name, ty, _)] = key.as_slice() {
         if matches!(ty.as_str(), "smallint" | "integer" | "bigint") {
             let k = quote_ident(name);
@@ -558,7 +647,7 @@ async fn key_ranges(
                 .await?;
             return Ok(
                 match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
-                    (Some(lo), Some(hi)) => Some((k, key_chunks(lo, hi, n))),
+                    (Some(lo), Some(hi)) => Some((k, names, key_chunks(lo, hi, n))),
                     _ => None,
                 },
             );
@@ -593,7 +682,7 @@ async fn key_ranges(
             row_literal(&values)
         })
         .collect();
-    Ok(Some((row_literal(&cols), bounded_chunks(bounds))))
+    Ok(Some((row_literal(&cols), names, bounded_chunks(bounds))))
 }
 
 /// `a` for one part, `ROW(a, b, …)` for several (pure).
@@ -748,8 +837,19 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         )
         .await
         .map_err(|e| err("forget chunks", e))?;
-        // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ.
-        if let Some(patch) = &p.patch {
+        // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ
+        // — where the owner orders the key as the source does (else it is copied whole).
+        let ordered = match &p.patch {
+            Some(patch) => patch.ordered_on(&tx, &p.job.table, &p.chunks).await,
+            None => false,
+        };
+        if p.patch.is_some() && !ordered {
+            tracing::warn!(target_name = %name, table = %p.job.table, "the target orders the table's key differently from the source (another collation?): its unfinished copy is emptied and copied again whole");
+            tx.batch_execute(&format!("DELETE FROM ONLY {}", p.job.table.quoted()))
+                .await
+                .map_err(|e| err("empty the unfinished copy", e))?;
+            patch_todo(p, o.target, (0..p.chunks.len()).collect());
+        } else if let Some(patch) = &p.patch {
             let there = checksums(&tx, &patch.checksums_sql(&p.job.table, &p.chunks, "true"))
                 .await
                 .map_err(|e| err("compare ranges", e))?;
@@ -796,11 +896,7 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
                 }
                 todo.push(i);
             }
-            patch
-                .todo
-                .lock()
-                .unwrap_or_else(|x| x.into_inner())
-                .insert(o.target, todo);
+            patch_todo(p, o.target, todo);
         } else if o.redo {
             let q = p.job.table.quoted();
             // TRUNCATE is refused for a table other tables reference; DELETE is not.
@@ -822,6 +918,17 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         tx.commit().await.map_err(|e| err("commit", e))?;
     }
     Ok(())
+}
+
+/// Records the ranges to copy to one owner of a resumed table.
+fn patch_todo(p: &Prepared, target: usize, todo: Vec<usize>) {
+    if let Some(patch) = &p.patch {
+        patch
+            .todo
+            .lock()
+            .unwrap_or_else(|x| x.into_inner())
+            .insert(target, todo);
+    }
 }
 
 /// Copies one chunk to every owner: one source read, one target transaction per owner with

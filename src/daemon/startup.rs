@@ -526,9 +526,14 @@ async fn set_aside_keys(
             continue;
         }
         let mut client = target_client(t).await.map_err(|e| startup(vec![e]))?;
-        match crate::copy::aside::set_aside(&mut client, &key(settings, source, t), &copying)
-            .await
-            .map_err(|e| startup(vec![e]))?
+        match crate::copy::aside::set_aside(
+            &mut client,
+            &key(settings, source, t),
+            &t.tables,
+            &copying,
+        )
+        .await
+        .map_err(|e| startup(vec![e]))?
         {
             crate::copy::aside::SetAside::Done(keys) => {
                 for a in keys {
