@@ -811,6 +811,37 @@ async fn a_resumed_copy_keeps_the_ranges_of_a_composite_text_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_copy_of_a_partitioned_table_keeps_the_partitions_already_copied() {
+    // Twelve monthly partitions, one chunk each; January is small and changes meanwhile.
+    resume_keeps_ranges(
+        "CREATE TABLE visits (id bigint, taken date NOT NULL, note text, PRIMARY KEY (id, taken))
+             PARTITION BY RANGE (taken);
+CREATE TABLE visits_01 PARTITION OF visits FOR VALUES FROM ('2024-01-01') TO ('2024-02-01');
+CREATE TABLE visits_02 PARTITION OF visits FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');
+CREATE TABLE visits_03 PARTITION OF visits FOR VALUES FROM ('2024-03-01') TO ('2024-04-01');
+CREATE TABLE visits_04 PARTITION OF visits FOR VALUES FROM ('2024-04-01') TO ('2024-05-01');
+CREATE TABLE visits_05 PARTITION OF visits FOR VALUES FROM ('2024-05-01') TO ('2024-06-01');
+CREATE TABLE visits_06 PARTITION OF visits FOR VALUES FROM ('2024-06-01') TO ('2024-07-01');
+CREATE TABLE visits_07 PARTITION OF visits FOR VALUES FROM ('2024-07-01') TO ('2024-08-01');
+CREATE TABLE visits_08 PARTITION OF visits FOR VALUES FROM ('2024-08-01') TO ('2024-09-01');
+CREATE TABLE visits_09 PARTITION OF visits FOR VALUES FROM ('2024-09-01') TO ('2024-10-01');
+CREATE TABLE visits_10 PARTITION OF visits FOR VALUES FROM ('2024-10-01') TO ('2024-11-01');
+CREATE TABLE visits_11 PARTITION OF visits FOR VALUES FROM ('2024-11-01') TO ('2024-12-01');
+CREATE TABLE visits_12 PARTITION OF visits FOR VALUES FROM ('2024-12-01') TO ('2025-01-01');",
+        &["visits"],
+        "INSERT INTO visits SELECT g, date '2024-01-01' + (g % 28), 'zqnote' FROM generate_series(1, 1000) g;
+         INSERT INTO visits SELECT g, (date '2024-01-01' + make_interval(months => 1 + (g - 1001) / 20000))::date,
+             'zqnote' || g FROM generate_series(1001, 221000) g;",
+        "UPDATE visits SET note = 'zqchanged' WHERE id = 5;
+         DELETE FROM visits WHERE id = 200000;
+         INSERT INTO visits VALUES (300000, '2024-12-15', 'zqnew');",
+        "id || '/' || taken",
+        "5/2024-01-06",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_on_a_target_that_orders_the_key_otherwise_copies_the_table_again_whole() {
     let env = Env::new(
         "CREATE TABLE visits (code text PRIMARY KEY, note text);",

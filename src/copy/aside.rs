@@ -453,12 +453,22 @@ pub async fn run(
     let mut last: HashMap<String, String> = HashMap::new();
     // One connection per target, kept between looks (opened again after a problem).
     let mut clients: HashMap<String, Client> = HashMap::new();
+    // After a problem other than a lock, a target is looked at again later and later (a
+    // validation that fails scans the table each time): `every` doubled per problem, up to
+    // 10 minutes.
+    let mut backoff: HashMap<String, (u32, tokio::time::Instant)> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         for t in &settings.targets {
+            if backoff
+                .get(&t.name)
+                .is_some_and(|(_, next)| tokio::time::Instant::now() < *next)
+            {
+                continue;
+            }
             let key = ProgressKey {
                 system_id: system_id.clone(),
                 slot: settings.slot.clone(),
@@ -493,8 +503,16 @@ pub async fn run(
                 .filter(|p| !p.contains("55P03"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            if !problem.is_empty() && last.get(&t.name) != Some(&problem) {
-                tracing::warn!(target_name = %t.name, "foreign keys set aside: {problem} (tried again shortly)");
+            if problem.is_empty() {
+                backoff.remove(&t.name);
+            } else {
+                let tries = backoff.get(&t.name).map_or(0, |(n, _)| n + 1);
+                let wait = (every * 2u32.saturating_pow(tries.min(16)))
+                    .min(std::time::Duration::from_secs(600));
+                backoff.insert(t.name.clone(), (tries, tokio::time::Instant::now() + wait));
+                if last.get(&t.name) != Some(&problem) {
+                    tracing::warn!(target_name = %t.name, retry_secs = wait.as_secs(), "foreign keys set aside: {problem}");
+                }
             }
             last.insert(t.name.clone(), problem);
         }

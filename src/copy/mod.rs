@@ -42,9 +42,10 @@
 //! agrees on both sides is kept as it is — whichever snapshot its rows were copied under, they
 //! now equal the new snapshot's — and only a range that differs is emptied and copied again, in
 //! one transaction with its chunk row. (For a table with a primary key of any columns and no
-//! foreign key left on an owner — they are set aside for a resumed copy, [`aside`]; a table
-//! without a primary key, or partitioned, is emptied and copied again as a whole.) Tables
-//! that finished are never copied again.
+//! foreign key left on an owner — they are set aside for a resumed copy, [`aside`]. A
+//! partitioned table is compared the same way leaf by leaf, its rows on an owner told apart by
+//! each leaf's partition constraint. A table without a primary key is emptied and copied again
+//! as a whole.) Tables that finished are never copied again.
 //!
 //! A partitioned table is read one leaf partition per chunk and written to the routed (root)
 //! table. A table that references itself is read in one chunk (its foreign key is checked at
@@ -137,16 +138,20 @@ type Checksum = (i64, String);
 /// Ranges of an earlier copy's finished chunks agree whichever snapshot they were read under.
 /// For a table with a primary key that no other table on an owner references and that does
 /// not reference itself (emptying a range must not cascade or fail: such keys are set aside for
-/// a resumed copy, [`aside`]), and is not partitioned. A single-column integer key is split
-/// evenly over its span; any other key (text, uuid, several columns) at every `range_rows`-th
-/// key in its order under the snapshot, compared as a row (`ROW(a, b) >= ROW(…)`) through its
-/// index.
+/// a resumed copy, [`aside`]). A single-column integer key is split evenly over its span; any
+/// other key (text, uuid, several columns) at every `range_rows`-th key in its order under the
+/// snapshot, compared as a row (`ROW(a, b) >= ROW(…)`) through its index. A partitioned table
+/// (key or not) is compared leaf by leaf: a leaf's rows on an owner are those its partition
+/// constraint selects in the routed table (rows no leaf selects any more are removed).
 #[derive(Debug, Clone)]
 struct Patch {
     /// The key, quoted: a column, or `ROW(…)` of several.
     key: String,
     /// The key's columns (names as stored).
     key_columns: Vec<String>,
+    /// A partitioned table is compared leaf by leaf instead (its chunks): per chunk, the
+    /// leaf's partition constraint, which selects its rows in the routed table on an owner.
+    leaves: Option<Vec<String>>,
     /// The columns as hashed (`rowhash::columns`).
     hashed: String,
     /// Per range (bucket 1, 2, … of `width_bucket` over the ranges' lower bounds) read on the
@@ -162,7 +167,31 @@ struct Patch {
 impl Patch {
     /// The (count, checksum) of every range with rows among those `within` selects, in one
     /// scan, keyed like `source`.
-    fn checksums_sql(&self, table: &TableName, chunks: &[Chunk], within: &str) -> String {
+    fn checksums_sql(
+        &self,
+        table: &TableName,
+        chunks: &[Chunk],
+        within: &str,
+        only: &str,
+    ) -> String {
+        format!(
+            "SELECT {bucket}, count(*), {sum} FROM {only}{t} WHERE {within} GROUP BY 1",
+            bucket = self.bucket(chunks),
+            sum = crate::rowhash::row_sum(&self.hashed),
+            t = table.quoted()
+        )
+    }
+
+    /// Each row's range: 1, 2, … (0: a row of no leaf of a partitioned table).
+    fn bucket(&self, chunks: &[Chunk]) -> String {
+        if let Some(leaves) = &self.leaves {
+            let arms: Vec<String> = leaves
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("WHEN ({c}) THEN {}", i + 1))
+                .collect();
+            return format!("(CASE {} ELSE 0 END)::bigint", arms.join(" "));
+        }
         let lows: Vec<&str> = chunks
             .iter()
             .skip(1)
@@ -171,7 +200,7 @@ impl Patch {
                 _ => None,
             })
             .collect();
-        let bucket = if lows.is_empty() {
+        if lows.is_empty() {
             "1::bigint".to_string()
         } else {
             format!(
@@ -179,12 +208,16 @@ impl Patch {
                 self.key,
                 lows.join(",")
             )
-        };
-        format!(
-            "SELECT {bucket}, count(*), {sum} FROM ONLY {t} WHERE {within} GROUP BY 1",
-            sum = crate::rowhash::row_sum(&self.hashed),
-            t = table.quoted()
-        )
+        }
+    }
+
+    /// The condition selecting range `i` (chunk `chunk`).
+    fn condition(&self, i: usize, chunk: &Chunk) -> String {
+        match (&self.leaves, chunk) {
+            (Some(leaves), _) => leaves.get(i).cloned().unwrap_or_else(|| "false".into()),
+            (None, Chunk::Keys(from, to)) => self.range(from.as_ref(), to.as_ref()),
+            (None, _) => "true".into(),
+        }
     }
 
     /// Whether the ranges' bounds ascend strictly on this database too (its collation or enum
@@ -196,6 +229,9 @@ impl Patch {
         table: &TableName,
         chunks: &[Chunk],
     ) -> bool {
+        if self.leaves.is_some() {
+            return true;
+        }
         if self.key_columns.len() > 1 {
             let default = tx
                 .query_one(
@@ -473,7 +509,8 @@ async fn prepare_table(
     let mut chunks = if relkind == "p" {
         let leaves = src
             .query(
-                "SELECT n.nspname::text, c.relname::text, greatest(c.reltuples, 0)::bigint \
+                "SELECT n.nspname::text, c.relname::text, greatest(c.reltuples, 0)::bigint, \
+                        coalesce(pg_get_partition_constraintdef(c.oid), 'true') \
                  FROM pg_partition_tree(to_regclass($1)) p JOIN pg_class c ON c.oid = p.relid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.isleaf ORDER BY 1, 2",
                 &[&t.quoted()],
@@ -484,6 +521,25 @@ async fn prepare_table(
             .iter()
             .map(|r| r.get::<_, i64>(2).max(0) as u64)
             .sum();
+        // Resumed: leaf by leaf, each compared with what the owners hold (`Patch`).
+        if !leaves.is_empty()
+            && job.owners.iter().any(|o| o.redo)
+            && !referenced
+            && !self_referencing
+        {
+            let hashed = crate::rowhash::columns(src, t)
+                .await
+                .map_err(|e| fail("read columns", e))?;
+            patch = Some(Patch {
+                key: String::new(),
+                key_columns: Vec::new(),
+                leaves: Some(leaves.iter().map(|r| r.get::<_, String>(3)).collect()),
+                hashed,
+                source: Arc::default(),
+                kept: Arc::new(AtomicU64::new(0)),
+                todo: Arc::default(),
+            });
+        }
         if leaves.is_empty() {
             vec![Chunk::Whole]
         } else {
@@ -514,6 +570,7 @@ async fn prepare_table(
                 patch = Some(Patch {
                     key,
                     key_columns,
+                    leaves: None,
                     hashed,
                     source: Arc::default(),
                     kept: Arc::new(AtomicU64::new(0)),
@@ -758,6 +815,42 @@ async fn read_source_ranges(
         return Ok(());
     }
     wanted.sort_unstable();
+    let t = &p.job.table;
+    if patch.leaves.is_some() {
+        // One leaf at a time, each its own table.
+        let src = snapshot_conn(run).await?;
+        for b in wanted {
+            let found = match p.chunks.get((b - 1).max(0) as usize) {
+                Some(Chunk::Leaf(leaf)) if b > 0 => {
+                    let r = src
+                        .query_one(
+                            &format!(
+                                "SELECT count(*), {} FROM ONLY {}",
+                                crate::rowhash::row_sum(&patch.hashed),
+                                leaf.quoted()
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(|e| {
+                            format!(
+                                "source: table {t}: compare partitions: {}",
+                                safe_pg_error(&e)
+                            )
+                        })?;
+                    let n: i64 = r.get(0);
+                    (n > 0).then(|| (n, r.get::<_, String>(1)))
+                }
+                _ => None,
+            };
+            patch
+                .source
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .insert(b, found);
+        }
+        return Ok(());
+    }
     let bounds = |b: i64| match p.chunks.get((b - 1).max(0) as usize) {
         Some(Chunk::Keys(from, to)) => (from.as_ref(), to.as_ref()),
         _ => (None, None),
@@ -778,12 +871,11 @@ async fn read_source_ranges(
         .map(|(from, to, _)| format!("({})", patch.range(*from, *to)))
         .collect::<Vec<_>>()
         .join(" OR ");
-    let t = &p.job.table;
     let src = snapshot_conn(run).await?;
     src.batch_execute("SET LOCAL enable_seqscan = off")
         .await
         .map_err(|e| format!("source: table {t}: {}", safe_pg_error(&e)))?;
-    let found = checksums(&src, &patch.checksums_sql(t, &p.chunks, &within))
+    let found = checksums(&src, &patch.checksums_sql(t, &p.chunks, &within, "ONLY "))
         .await
         .map_err(|e| format!("source: table {t}: compare ranges: {}", safe_pg_error(&e)))?;
     let mut known = patch.source.lock().unwrap_or_else(|x| x.into_inner());
@@ -845,14 +937,27 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         };
         if p.patch.is_some() && !ordered {
             tracing::warn!(target_name = %name, table = %p.job.table, "the target orders the table's key differently from the source (another collation?): its unfinished copy is emptied and copied again whole");
-            tx.batch_execute(&format!("DELETE FROM ONLY {}", p.job.table.quoted()))
+            tx.batch_execute(&format!("DELETE FROM {only}{}", p.job.table.quoted()))
                 .await
                 .map_err(|e| err("empty the unfinished copy", e))?;
             patch_todo(p, o.target, (0..p.chunks.len()).collect());
         } else if let Some(patch) = &p.patch {
-            let there = checksums(&tx, &patch.checksums_sql(&p.job.table, &p.chunks, "true"))
+            let there = checksums(
+                &tx,
+                &patch.checksums_sql(&p.job.table, &p.chunks, "true", only),
+            )
+            .await
+            .map_err(|e| err("compare ranges", e))?;
+            // Rows of no leaf the source has now (a partition dropped since) go.
+            if there.contains_key(&0) {
+                tx.batch_execute(&format!(
+                    "DELETE FROM {only}{} WHERE {} = 0",
+                    p.job.table.quoted(),
+                    patch.bucket(&p.chunks)
+                ))
                 .await
-                .map_err(|e| err("compare ranges", e))?;
+                .map_err(|e| err("empty rows of no partition", e))?;
+            }
             read_source_ranges(run, p, patch, there.keys().copied()).await?;
             let source_of = patch
                 .source
@@ -883,13 +988,10 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
                     continue;
                 }
                 if there.contains_key(&bucket) {
-                    let Chunk::Keys(from, to) = chunk else {
-                        continue;
-                    };
                     tx.batch_execute(&format!(
-                        "DELETE FROM ONLY {} WHERE {}",
+                        "DELETE FROM {only}{} WHERE {}",
                         p.job.table.quoted(),
-                        patch.range(from.as_ref(), to.as_ref())
+                        patch.condition(i, chunk)
                     ))
                     .await
                     .map_err(|e| err("empty a range that differs", e))?;
@@ -1201,7 +1303,13 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
                 Some(known) => known.as_ref().map_or(0, |x| x.0),
                 None => per_range,
             };
-            let planned = patch_units(p.chunks.len(), &todo, &size, run.settings.copy.chunk_rows);
+            // Leaves are read one per chunk; key ranges together.
+            let max_rows = if patch.leaves.is_some() {
+                0
+            } else {
+                run.settings.copy.chunk_rows
+            };
+            let planned = patch_units(p.chunks.len(), &todo, &size, max_rows);
             let copying: HashSet<usize> = planned.iter().flat_map(|u| u.first..=u.last).collect();
             let mut all_done = false;
             for i in (0..p.chunks.len()).filter(|i| !copying.contains(i)) {
@@ -1283,7 +1391,8 @@ impl Unit {
 }
 
 /// Groups the ranges of a resumed table that owners lack (`todo`: per owner) into units:
-/// consecutive ranges lacked by the same owners, up to about `max_rows` source rows (pure).
+/// consecutive ranges lacked by the same owners, up to about `max_rows` source rows (0: each
+/// range alone) (pure).
 fn patch_units(
     ranges: usize,
     todo: &HashMap<usize, Vec<usize>>,
@@ -1309,7 +1418,8 @@ fn patch_units(
         let n = rows(i).max(0) as u64;
         match out.last_mut() {
             Some(u)
-                if u.last + 1 == i
+                if max_rows > 0
+                    && u.last + 1 == i
                     && u.owners.as_deref() == Some(&owners[..])
                     && size + n <= max_rows =>
             {
