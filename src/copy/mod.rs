@@ -211,6 +211,28 @@ impl Patch {
         }
     }
 
+    /// The owner's checksum of every range it holds rows in (in one scan), or `None` when it
+    /// cannot evaluate the ranges (a type or function it lacks): the transaction goes on.
+    async fn owner_checksums(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableName,
+        chunks: &[Chunk],
+        only: &str,
+    ) -> Option<HashMap<i64, Checksum>> {
+        tx.batch_execute("SAVEPOINT compare").await.ok()?;
+        let sql = self.checksums_sql(table, chunks, "true", only);
+        match checksums(tx, &sql).await {
+            Ok(found) => Some(found),
+            Err(_) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT compare")
+                    .await
+                    .ok()?;
+                None
+            }
+        }
+    }
+
     /// The condition selecting range `i` (chunk `chunk`).
     fn condition(&self, i: usize, chunk: &Chunk) -> String {
         match (&self.leaves, chunk) {
@@ -472,6 +494,41 @@ pub async fn references(
         .collect())
 }
 
+/// Tables other than `t` itself that reference it on this database by a foreign key and hold
+/// rows.
+async fn referencing_with_rows(
+    client: &Client,
+    t: &TableName,
+) -> Result<Vec<TableName>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT cn.nspname::text, c.relname::text FROM pg_constraint k \
+             JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace \
+             WHERE k.contype = 'f' AND k.conparentid = 0 AND k.confrelid = to_regclass($1) \
+               AND k.conrelid <> k.confrelid ORDER BY 1, 2",
+            &[&t.quoted()],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let child = TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        };
+        let any: bool = client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", child.quoted()),
+                &[],
+            )
+            .await?
+            .get(0);
+        if any {
+            out.push(child);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads what the table's copy needs under the snapshot: columns, size, chunks.
 async fn prepare_table(
     run: &CopyRun<'_>,
@@ -521,8 +578,19 @@ async fn prepare_table(
             .iter()
             .map(|r| r.get::<_, i64>(2).max(0) as u64)
             .sum();
-        // Resumed: leaf by leaf, each compared with what the owners hold (`Patch`).
+        // Resumed: leaf by leaf, each compared with what the owners hold (`Patch`) — not
+        // under hash partitioning, whose constraints name the source's own table.
+        let hashed_partitions: bool = src
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_partition_tree(to_regclass($1)) t \
+                 JOIN pg_partitioned_table p ON p.partrelid = t.relid WHERE p.partstrat = 'h')",
+                &[&t.quoted()],
+            )
+            .await
+            .map_err(|e| fail("read partitions", e))?
+            .get(0);
         if !leaves.is_empty()
+            && !hashed_partitions
             && job.owners.iter().any(|o| o.redo)
             && !referenced
             && !self_referencing
@@ -930,76 +998,90 @@ async fn begin_table(run: &CopyRun<'_>, p: &Prepared) -> Result<(), String> {
         .await
         .map_err(|e| err("forget chunks", e))?;
         // A resumed copy that keeps what is there (`Patch`) empties only the ranges that differ
-        // — where the owner orders the key as the source does (else it is copied whole).
-        let ordered = match &p.patch {
-            Some(patch) => patch.ordered_on(&tx, &p.job.table, &p.chunks).await,
-            None => false,
-        };
-        if p.patch.is_some() && !ordered {
-            tracing::warn!(target_name = %name, table = %p.job.table, "the target orders the table's key differently from the source (another collation?): its unfinished copy is emptied and copied again whole");
-            tx.batch_execute(&format!("DELETE FROM {only}{}", p.job.table.quoted()))
-                .await
-                .map_err(|e| err("empty the unfinished copy", e))?;
-            patch_todo(p, o.target, (0..p.chunks.len()).collect());
-        } else if let Some(patch) = &p.patch {
-            let there = checksums(
-                &tx,
-                &patch.checksums_sql(&p.job.table, &p.chunks, "true", only),
-            )
-            .await
-            .map_err(|e| err("compare ranges", e))?;
-            // Rows of no leaf the source has now (a partition dropped since) go.
-            if there.contains_key(&0) {
-                tx.batch_execute(&format!(
-                    "DELETE FROM {only}{} WHERE {} = 0",
-                    p.job.table.quoted(),
-                    patch.bucket(&p.chunks)
-                ))
-                .await
-                .map_err(|e| err("empty rows of no partition", e))?;
-            }
-            read_source_ranges(run, p, patch, there.keys().copied()).await?;
-            let source_of = patch
-                .source
-                .lock()
-                .unwrap_or_else(|x| x.into_inner())
-                .clone();
-            let mut todo = Vec::new();
-            for (i, chunk) in p.chunks.iter().enumerate() {
-                let bucket = i as i64 + 1;
-                let source = source_of.get(&bucket).and_then(|x| x.as_ref());
-                if there.contains_key(&bucket) && source == there.get(&bucket) {
-                    let n = source.map_or(0, |s| s.0);
-                    tx.execute(
-                        state::CHUNK_DONE_SQL,
-                        &[
-                            &k.system_id,
-                            &k.slot,
-                            &k.target,
-                            &t,
-                            &run.lsn.to_string(),
-                            &(i as i32),
-                            &n,
-                        ],
-                    )
+        // — where the owner orders the key as the source does and can evaluate the ranges
+        // (else it is copied whole).
+        let there = match &p.patch {
+            Some(patch) if patch.ordered_on(&tx, &p.job.table, &p.chunks).await => {
+                patch
+                    .owner_checksums(&tx, &p.job.table, &p.chunks, only)
                     .await
-                    .map_err(|e| err("record chunk", e))?;
-                    patch.kept.fetch_add(n.max(0) as u64, Ordering::Relaxed);
-                    continue;
+            }
+            _ => None,
+        };
+        match (&p.patch, there) {
+            (Some(_), None) => {
+                tracing::warn!(target_name = %name, table = %p.job.table, "the target cannot compare the table's ranges as the source cuts them (another collation or order, or a type it lacks): its unfinished copy is emptied and copied again whole");
+                tx.batch_execute(&format!("DELETE FROM {only}{}", p.job.table.quoted()))
+                    .await
+                    .map_err(|e| err("empty the unfinished copy", e))?;
+                patch_todo(p, o.target, (0..p.chunks.len()).collect());
+            }
+            (Some(patch), Some(there)) => {
+                read_source_ranges(run, p, patch, there.keys().copied().filter(|b| *b > 0)).await?;
+                let source_of = patch
+                    .source
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .clone();
+                let mut todo = Vec::new();
+                // Buckets to empty: those that differ, and rows of no leaf (bucket 0).
+                let mut empty: Vec<i64> = there.keys().copied().filter(|b| *b == 0).collect();
+                for (i, chunk) in p.chunks.iter().enumerate() {
+                    let bucket = i as i64 + 1;
+                    let source = source_of.get(&bucket).and_then(|x| x.as_ref());
+                    if there.contains_key(&bucket) && source == there.get(&bucket) {
+                        let n = source.map_or(0, |s| s.0);
+                        tx.execute(
+                            state::CHUNK_DONE_SQL,
+                            &[
+                                &k.system_id,
+                                &k.slot,
+                                &k.target,
+                                &t,
+                                &run.lsn.to_string(),
+                                &(i as i32),
+                                &n,
+                            ],
+                        )
+                        .await
+                        .map_err(|e| err("record chunk", e))?;
+                        patch.kept.fetch_add(n.max(0) as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    if there.contains_key(&bucket) {
+                        if patch.leaves.is_some() {
+                            empty.push(bucket);
+                        } else {
+                            tx.batch_execute(&format!(
+                                "DELETE FROM {only}{} WHERE {}",
+                                p.job.table.quoted(),
+                                patch.condition(i, chunk)
+                            ))
+                            .await
+                            .map_err(|e| err("empty a range that differs", e))?;
+                        }
+                    }
+                    todo.push(i);
                 }
-                if there.contains_key(&bucket) {
+                // Leaves go by the bucket that grouped their rows here: a row two leaves'
+                // constraints select on this owner (another collation) goes with the one
+                // it was compared in.
+                if !empty.is_empty() {
+                    let list: Vec<String> = empty.iter().map(i64::to_string).collect();
                     tx.batch_execute(&format!(
-                        "DELETE FROM {only}{} WHERE {}",
+                        "DELETE FROM {only}{} WHERE {} IN ({})",
                         p.job.table.quoted(),
-                        patch.condition(i, chunk)
+                        patch.bucket(&p.chunks),
+                        list.join(", ")
                     ))
                     .await
-                    .map_err(|e| err("empty a range that differs", e))?;
+                    .map_err(|e| err("empty the partitions that differ", e))?;
                 }
-                todo.push(i);
+                patch_todo(p, o.target, todo);
             }
-            patch_todo(p, o.target, todo);
-        } else if o.redo {
+            _ => {}
+        }
+        if p.patch.is_none() && o.redo {
             let q = p.job.table.quoted();
             // TRUNCATE is refused for a table other tables reference; DELETE is not.
             tx.batch_execute("SAVEPOINT empty")
@@ -1248,6 +1330,32 @@ pub async fn run(run: &CopyRun<'_>, plan: &CopyPlan) -> Result<(), String> {
             )
         })?;
         refs.extend(r);
+    }
+    // An unfinished copy is emptied (or ranges of it): never under rows of another table that
+    // still references it there (a key pgcarve could not set aside, or the service's own
+    // table), which the deletion would cascade into or be refused by.
+    for j in &plan.jobs {
+        for o in j.owners.iter().filter(|o| o.redo) {
+            let client = connect_target(run, o.target).await?;
+            let name = &run.settings.targets[o.target].name;
+            let children = referencing_with_rows(&client, &j.table)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "target {name}: table {}: read foreign keys: {}",
+                        j.table,
+                        safe_pg_error(&e)
+                    )
+                })?;
+            if !children.is_empty() {
+                let list: Vec<String> = children.iter().map(|c| c.to_string()).collect();
+                return Err(format!(
+                    "target {name}: table {} holds an unfinished copy that must be emptied, but {} there reference it by foreign keys pgcarve did not set aside and hold rows: deleting would cascade into them or be refused. Make pgcarve's role own these tables (so it sets the keys aside), or drop those keys until the copy is done",
+                    j.table,
+                    list.join(", ")
+                ));
+            }
+        }
     }
     let src = snapshot_conn(run).await?;
     let mut prepared = HashMap::new();
